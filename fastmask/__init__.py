@@ -1,0 +1,18 @@
+"""fastmask: fast, exact selective parameter updates for foundation models (SPU, CVPR 2024).
+
+    targets = fastmask.find_targets(model)               # which tensors (open_clip preset)
+    scores = fastmask.score(model, batches, loss_fn)     # accumulated gradient scores
+    masks = fastmask.select(scores, density=0.1)         # top-10% entries per tensor
+    opt = fastmask.optim.MaskedAdamW(targets.parameters(), lr=1e-5, masks=masks, model=model)
+"""
+from . import backends, ops, optim
+from ._version import __version__
+from .masks import Mask, MaskSet, num_selected, select
+from .optim import MaskedAdamW
+from .scoring import score
+from .targets import PRESETS, Preset, Targets, find_targets, freeze
+
+__all__ = [
+    "__version__", "backends", "ops", "optim", "Mask", "MaskSet", "MaskedAdamW", "num_selected",
+    "select", "score", "PRESETS", "Preset", "Targets", "find_targets", "freeze",
+]

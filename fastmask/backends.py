@@ -1,0 +1,132 @@
+"""Backend registry: which implementations of the fastmask ops exist here, and why not.
+
+A backend is a module that defines the op kernels with the schemas' signatures
+(``masked_adamw_step_``, ``score_accumulate_``) and ``why_not(device_type) -> str | None``, the
+reason it cannot serve tensors of that device type (``None`` when it can). Backends are imported
+lazily, the first time one is asked for; an import failure becomes its reason.
+
+Dispatch, per device type, takes the first available backend in :data:`PREFERENCE`; the
+``reference`` backend runs anywhere and closes every list. ``FASTMASK_BACKEND=<name>`` (or the
+:func:`use` context manager) forces one backend; if it cannot serve the call, the call raises
+with its reason rather than silently running something else.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import os
+from types import ModuleType
+
+__all__ = ["register", "names", "why_not", "available", "forced", "pick", "resolve", "use", "report", "PREFERENCE"]
+
+# name -> module path. Later backends add themselves here (and to PREFERENCE).
+_MODULES: dict[str, str] = {"reference": "fastmask.reference"}
+#: Preference order per device type; device types not listed use ``"*"``.
+PREFERENCE: dict[str, list[str]] = {"*": ["reference"]}
+
+_loaded: dict[str, ModuleType | BaseException] = {}
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastmask_backend", default=None)
+ENV_VAR = "FASTMASK_BACKEND"
+
+
+def register(name: str, module: str, prefer_for: dict[str, int] | None = None) -> None:
+    """Add a backend. ``prefer_for`` maps device types to the position in their preference list."""
+    _MODULES[name] = module
+    _loaded.pop(name, None)
+    for device_type, position in (prefer_for or {}).items():
+        order = PREFERENCE.setdefault(device_type, list(PREFERENCE["*"]))
+        if name in order:
+            order.remove(name)
+        order.insert(position, name)
+
+
+def names() -> list[str]:
+    """All registered backend names."""
+    return list(_MODULES)
+
+
+def _load(name: str) -> ModuleType | BaseException:
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(_MODULES[name])
+        except Exception as exc:  # an import failure is this backend's reason, never a crash
+            _loaded[name] = exc
+    return _loaded[name]
+
+
+def why_not(name: str, device_type: str) -> str | None:
+    """Why backend ``name`` cannot serve tensors on ``device_type`` (``None``: it can)."""
+    if name not in _MODULES:
+        raise ValueError(f"unknown fastmask backend {name!r}; registered: {', '.join(_MODULES)}")
+    mod = _load(name)
+    if isinstance(mod, BaseException):
+        return f"import of {_MODULES[name]} failed: {type(mod).__name__}: {mod}"
+    return mod.why_not(device_type)
+
+
+def available(device_type: str) -> list[str]:
+    """Backends that can serve ``device_type``, in preference order."""
+    order = PREFERENCE.get(device_type, PREFERENCE["*"])
+    return [n for n in order if why_not(n, device_type) is None]
+
+
+def forced() -> str | None:
+    """The backend forced by :func:`use` or ``FASTMASK_BACKEND``, if any."""
+    name = _forced.get() or os.environ.get(ENV_VAR) or None
+    if name is not None and name not in _MODULES:
+        raise ValueError(f"{ENV_VAR}={name!r} names no backend; registered: {', '.join(_MODULES)}")
+    return name
+
+
+def pick(device_type: str) -> str:
+    """The name of the backend that serves an op call on ``device_type``."""
+    name = forced()
+    if name is not None:
+        reason = why_not(name, device_type)
+        if reason is not None:
+            raise RuntimeError(f"fastmask backend {name!r} was forced but cannot run on {device_type} tensors: {reason}")
+        return name
+    order = PREFERENCE.get(device_type, PREFERENCE["*"])
+    reasons = []
+    for n in order:
+        reason = why_not(n, device_type)
+        if reason is None:
+            return n
+        reasons.append(f"{n}: {reason}")
+    raise RuntimeError(f"no fastmask backend can run on {device_type} tensors:\n  " + "\n  ".join(reasons))
+
+
+def resolve(device_type: str) -> ModuleType:
+    """The backend module that serves an op call on ``device_type``."""
+    return _loaded[pick(device_type)]  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def use(name: str):
+    """Force backend ``name`` inside a ``with`` block (takes precedence over ``FASTMASK_BACKEND``)."""
+    if name not in _MODULES:
+        raise ValueError(f"unknown fastmask backend {name!r}; registered: {', '.join(_MODULES)}")
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def report(device_types: tuple[str, ...] = ("cpu", "cuda")) -> str:
+    """A readable table: for each backend and device type, ``ok`` or the reason it is unavailable."""
+    lines = []
+    for device_type in device_types:
+        try:
+            chosen = pick(device_type)
+        except (RuntimeError, ValueError) as exc:
+            chosen = f"none ({exc})"
+        lines.append(f"{device_type}: dispatches to {chosen}")
+        for n in _MODULES:
+            reason = why_not(n, device_type)
+            lines.append(f"  {n:<10} {'ok' if reason is None else 'unavailable: ' + reason}")
+    name = forced()
+    if name:
+        lines.append(f"forced: {name}")
+    return "\n".join(lines)

@@ -1,0 +1,100 @@
+"""Pure-PyTorch implementations of every fastmask op: the oracle for all tests and the fallback
+on any device.
+
+Vectorized over entries (gather, fp32 maths on the compact vectors, scatter back); the only
+Python loops run over tensors. The order of operations follows ``torch.optim.AdamW``'s
+single-tensor implementation so that the two agree to rounding. No host sync: ``found_inf`` is
+applied with ``torch.where``, step counts stay on the device.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def why_not(device_type: str) -> str | None:
+    """The reference backend runs wherever PyTorch does."""
+    return None
+
+
+def _statistic(g: torch.Tensor, mode: str) -> torch.Tensor:
+    if mode == "grad":
+        return g
+    if mode == "abs":
+        return g.abs()
+    return g * g  # "fisher"
+
+
+def _accumulate(score: torch.Tensor, grad: torch.Tensor, mode: str, grad_scale, found_inf) -> None:
+    g = grad.float()
+    if grad_scale is not None:
+        g = g / grad_scale.reshape(())
+    stat = _statistic(g, mode)
+    if found_inf is not None:
+        stat = torch.where(found_inf.reshape(()) != 0, torch.zeros((), device=stat.device), stat)
+    score.add_(stat)
+
+
+def score_accumulate_(scores: list[torch.Tensor], grads: list[torch.Tensor], mode: str) -> None:
+    for score, grad in zip(scores, grads):
+        _accumulate(score, grad, mode, None, None)
+
+
+def _expand(per_tensor: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    # One value per entry, without copying `counts` to the device (repeat_interleave would).
+    return torch.cat([per_tensor[t].expand(c) for t, c in enumerate(counts)])
+
+
+def masked_adamw_step_(
+    params, grads, idx, exp_avg, exp_avg_sq, offsets, steps, lr, beta1, beta2, eps,
+    weight_decay, maximize, max_exp_avg_sq, grad_scale, found_inf, scores, score_mode,
+) -> None:
+    for score, grad in zip(scores, grads):
+        _accumulate(score, grad, score_mode, grad_scale, found_inf)
+
+    k_total = idx.numel()
+    if k_total == 0:
+        return
+    counts = [offsets[t + 1] - offsets[t] for t in range(len(params))]
+    sel = [idx[offsets[t] : offsets[t + 1]].long() for t in range(len(params))]
+
+    p_old = torch.cat([p.view(-1)[s] for p, s in zip(params, sel)]).float()
+    g = torch.cat([gr.view(-1)[s] for gr, s in zip(grads, sel)]).float()
+    if grad_scale is not None:
+        g = g / grad_scale.reshape(())
+    if maximize:
+        g = -g
+
+    # Per-tensor scalars in float64, rounded to fp32 once (as torch.optim.AdamW's Python-float
+    # scalars are), then expanded to one value per entry.
+    wide = torch.float64 if steps.device.type != "mps" else torch.float32
+    steps64, lr64 = steps.to(wide), lr.reshape(()).to(wide)
+    bias_correction1 = 1 - torch.pow(beta1, steps64)
+    bias_correction2_sqrt = (1 - torch.pow(beta2, steps64)).sqrt()
+    neg_step_size = _expand((-lr64 / bias_correction1).float(), counts)
+    bias_correction2_sqrt = _expand(bias_correction2_sqrt.float(), counts)
+    decay = (1 - lr64 * weight_decay).float()
+
+    p = p_old * decay
+    m = exp_avg.lerp(g, 1 - beta1)
+    v = exp_avg_sq.mul(beta2).addcmul_(g, g, value=1 - beta2)
+    if max_exp_avg_sq is not None:
+        v_max = torch.maximum(max_exp_avg_sq, v)
+        denom = (v_max.sqrt() / bias_correction2_sqrt).add_(eps)
+    else:
+        denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+    p = p + neg_step_size * m / denom  # addcdiv_'s order: (value * m) / denom
+
+    if found_inf is not None:
+        skip = found_inf.reshape(()) != 0
+        p = torch.where(skip, p_old, p)
+        m = torch.where(skip, exp_avg, m)
+        v = torch.where(skip, exp_avg_sq, v)
+        if max_exp_avg_sq is not None:
+            v_max = torch.where(skip, max_exp_avg_sq, v_max)
+
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+    if max_exp_avg_sq is not None:
+        max_exp_avg_sq.copy_(v_max)
+    for t, (param, s) in enumerate(zip(params, sel)):
+        param.view(-1).index_copy_(0, s, p[offsets[t] : offsets[t + 1]].to(param.dtype))
