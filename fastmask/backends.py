@@ -20,10 +20,17 @@ from types import ModuleType
 
 __all__ = ["register", "names", "why_not", "available", "forced", "pick", "resolve", "use", "report", "PREFERENCE"]
 
-# name -> module path. Later backends add themselves here (and to PREFERENCE).
-_MODULES: dict[str, str] = {"reference": "fastmask.reference"}
-#: Preference order per device type; device types not listed use ``"*"``.
-PREFERENCE: dict[str, list[str]] = {"*": ["reference"]}
+#: Backend name -> module implementing it.
+_MODULES: dict[str, str] = {
+    "reference": "fastmask.reference",
+}
+#: Preference order per device type (names not registered are skipped); other device types use
+#: ``"*"``. Triton serves CPU tensors only when forced under ``TRITON_INTERPRET=1`` (tests).
+PREFERENCE: dict[str, list[str]] = {
+    "cuda": ["ext", "triton", "reference"],
+    "cpu": ["ext", "reference"],
+    "*": ["reference"],
+}
 
 _loaded: dict[str, ModuleType | BaseException] = {}
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastmask_backend", default=None)
@@ -31,7 +38,8 @@ ENV_VAR = "FASTMASK_BACKEND"
 
 
 def register(name: str, module: str, prefer_for: dict[str, int] | None = None) -> None:
-    """Add a backend. ``prefer_for`` maps device types to the position in their preference list."""
+    """Add a backend (e.g. an out-of-tree one). ``prefer_for`` maps device types to its position
+    in their preference list."""
     _MODULES[name] = module
     _loaded.pop(name, None)
     for device_type, position in (prefer_for or {}).items():
@@ -39,6 +47,10 @@ def register(name: str, module: str, prefer_for: dict[str, int] | None = None) -
         if name in order:
             order.remove(name)
         order.insert(position, name)
+
+
+def _order(device_type: str) -> list[str]:
+    return [n for n in PREFERENCE.get(device_type, PREFERENCE["*"]) if n in _MODULES]
 
 
 def names() -> list[str]:
@@ -67,8 +79,7 @@ def why_not(name: str, device_type: str) -> str | None:
 
 def available(device_type: str) -> list[str]:
     """Backends that can serve ``device_type``, in preference order."""
-    order = PREFERENCE.get(device_type, PREFERENCE["*"])
-    return [n for n in order if why_not(n, device_type) is None]
+    return [n for n in _order(device_type) if why_not(n, device_type) is None]
 
 
 def forced() -> str | None:
@@ -87,9 +98,8 @@ def pick(device_type: str) -> str:
         if reason is not None:
             raise RuntimeError(f"fastmask backend {name!r} was forced but cannot run on {device_type} tensors: {reason}")
         return name
-    order = PREFERENCE.get(device_type, PREFERENCE["*"])
     reasons = []
-    for n in order:
+    for n in _order(device_type):
         reason = why_not(n, device_type)
         if reason is None:
             return n
