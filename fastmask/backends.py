@@ -15,10 +15,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
+import importlib.util
 import os
+import sys
+from pathlib import Path
 from types import ModuleType
 
-__all__ = ["register", "names", "why_not", "available", "forced", "pick", "resolve", "use", "report", "PREFERENCE"]
+__all__ = ["register", "names", "load", "why_not", "available", "forced", "pick", "resolve", "use", "report", "PREFERENCE"]
 
 #: Backend name -> module implementing it.
 _MODULES: dict[str, str] = {
@@ -58,13 +61,48 @@ def names() -> list[str]:
     return list(_MODULES)
 
 
+# Subpackages that live outside fastmask/ in a source checkout (setup.py maps them when installing).
+_SOURCE_DIRS = {"fastmask.kernels": "kernels"}
+
+
+def _import(module: str) -> ModuleType:
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module or module not in _SOURCE_DIRS:
+            raise
+        # Running from a source checkout that was not installed: kernels/ sits beside fastmask/.
+        init = Path(__file__).resolve().parent.parent / _SOURCE_DIRS[module] / "__init__.py"
+        if not init.is_file():
+            raise
+        spec = importlib.util.spec_from_file_location(module, init, submodule_search_locations=[str(init.parent)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[module] = mod
+        try:
+            spec.loader.exec_module(mod)  # type: ignore[union-attr]
+        except BaseException:
+            del sys.modules[module]
+            raise
+        return mod
+
+
 def _load(name: str) -> ModuleType | BaseException:
     if name not in _loaded:
         try:
-            _loaded[name] = importlib.import_module(_MODULES[name])
+            _loaded[name] = _import(_MODULES[name])
         except Exception as exc:  # an import failure is this backend's reason, never a crash
             _loaded[name] = exc
     return _loaded[name]
+
+
+def load(name: str) -> ModuleType:
+    """The module of backend ``name``; raises ``RuntimeError`` with the reason if it cannot load."""
+    if name not in _MODULES:
+        raise ValueError(f"unknown fastmask backend {name!r}; registered: {', '.join(_MODULES)}")
+    mod = _load(name)
+    if isinstance(mod, BaseException):
+        raise RuntimeError(f"fastmask backend {name!r} cannot be imported: {type(mod).__name__}: {mod}") from mod
+    return mod
 
 
 def why_not(name: str, device_type: str) -> str | None:
