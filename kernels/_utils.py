@@ -139,4 +139,23 @@ def statistic(g, SCORE_MODE: tl.constexpr):
     return s
 
 
+@triton.jit
+def to_param_dtype(x, P_DTYPE: tl.constexpr):
+    """fp32 -> param dtype, rounding to nearest even.
+
+    bf16 is rounded by hand: Triton's interpreter truncates fp32 -> bf16, and an optimizer step
+    of about one bf16 ulp (common: lr 1e-2 on weights near 1) then drifts steadily toward zero.
+    Doing it in integer ops gives torch's rounding on every platform, for a few ALU ops in a
+    memory-bound kernel. NaN is kept NaN (the carry could otherwise turn it into an infinity).
+    """
+    if P_DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        y = tl.where(x != x, x.to(tl.bfloat16), y)
+    else:
+        y = x.to(P_DTYPE)
+    return y
+
+
 SCORE_MODE_IDS = {"grad": 0, "abs": 1, "fisher": 2}

@@ -32,7 +32,7 @@ import triton.language as tl
 from ._utils import (
     BLOCK_START, NUMEL, PTR_A, PTR_B, PTR_C, SCORE_MODE_IDS, SEG_HI, SEG_LO, TABLE_ROWS, TL_DTYPES,
     TableCache,
-    dense_block, find_block, launch_context, lower_bound, num_warps_for, pad_tensors, statistic,
+    dense_block, find_block, launch_context, lower_bound, num_warps_for, pad_tensors, statistic, to_param_dtype,
 )
 
 _tables = TableCache()
@@ -48,7 +48,8 @@ def _one_minus_pow(log_beta, s):
     """
     x = s * log_beta
     u = tl.exp(x)
-    kahan = tl.where(u == 1.0, -x, (1.0 - u) * x / tl.log(u))
+    # The clamp only keeps the unused lane finite (x < -0.5 takes the plain form).
+    kahan = tl.where(u == 1.0, -x, (1.0 - u) * x / tl.log(tl.maximum(u, 0.5)))
     return tl.where(x < -0.5, 1.0 - u, kahan)
 
 
@@ -56,7 +57,7 @@ def _one_minus_pow(log_beta, s):
 def _step_entries(
     j, mask, idx_ptr, p_ptr, g_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
     decay, neg_step_size, bc2_sqrt, beta1, beta2, eps, scale,
-    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
+    P_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
 ):
     i = tl.load(idx_ptr + j, mask=mask, other=0)
     p_raw = tl.load(p_ptr + i, mask=mask)
@@ -84,7 +85,7 @@ def _step_entries(
     p = p + tl.div_rn(neg_step_size * m, denom)
     tl.store(exp_avg_ptr + j, m, mask=mask)
     tl.store(exp_avg_sq_ptr + j, v, mask=mask)
-    tl.store(p_ptr + i, p.to(p_raw.dtype), mask=mask)
+    tl.store(p_ptr + i, to_param_dtype(p, P_DTYPE), mask=mask)
 
 
 @triton.jit
@@ -104,10 +105,11 @@ def _masked_adamw_kernel(
     seg_lo = tl.load(table_ptr + SEG_LO * n_tensors + t)
     seg_hi = tl.load(table_ptr + SEG_HI * n_tensors + t)
 
-    # A skipped step (GradScaler found inf/nan) masks every access: no traffic, no host sync.
-    live = True
+    # A skipped step (GradScaler found inf/nan) empties this program's ranges: no memory traffic,
+    # no host sync.
     if HAS_INF:
         live = tl.load(found_inf_ptr) == 0
+        seg_hi = tl.where(live, seg_hi, seg_lo)
     scale = 1.0
     if HAS_SCALE:
         scale = tl.load(grad_scale_ptr).to(tl.float32)
@@ -126,8 +128,10 @@ def _masked_adamw_kernel(
         sc_ptr = tl.load(table_ptr + PTR_C * n_tensors + t).to(tl.pointer_type(tl.float32))
         start = b * BLOCK
         end = tl.minimum(start + BLOCK, numel)
+        if HAS_INF:
+            end = tl.where(live, end, start)
         offs = start + tl.arange(0, BLOCK)
-        dmask = (offs < end) & live
+        dmask = offs < end
         g = tl.load(g_ptr + offs, mask=dmask, other=0.0).to(tl.float32)
         if HAS_SCALE:
             g = tl.div_rn(g, scale)
@@ -138,14 +142,14 @@ def _masked_adamw_kernel(
         j1 = lower_bound(idx_ptr, j0, tl.minimum(seg_hi, j0 + BLOCK), end, n_iter)
         for j_start in range(j0, j1, SBLOCK):
             j = j_start + tl.arange(0, SBLOCK)
-            _step_entries(j, (j < j1) & live, idx_ptr, p_ptr, g_ptr, exp_avg_ptr, exp_avg_sq_ptr,
+            _step_entries(j, j < j1, idx_ptr, p_ptr, g_ptr, exp_avg_ptr, exp_avg_sq_ptr,
                           max_exp_avg_sq_ptr, decay, neg_step_size, bc2_sqrt, beta1, beta2, eps, scale,
-                          AMSGRAD, MAXIMIZE, HAS_SCALE)
+                          P_DTYPE, AMSGRAD, MAXIMIZE, HAS_SCALE)
     else:
         j = seg_lo + b * BLOCK + tl.arange(0, BLOCK)
-        _step_entries(j, (j < seg_hi) & live, idx_ptr, p_ptr, g_ptr, exp_avg_ptr, exp_avg_sq_ptr,
+        _step_entries(j, j < seg_hi, idx_ptr, p_ptr, g_ptr, exp_avg_ptr, exp_avg_sq_ptr,
                       max_exp_avg_sq_ptr, decay, neg_step_size, bc2_sqrt, beta1, beta2, eps, scale,
-                      AMSGRAD, MAXIMIZE, HAS_SCALE)
+                      P_DTYPE, AMSGRAD, MAXIMIZE, HAS_SCALE)
 
 
 def _lr_on_host(lr: torch.Tensor) -> bool:
