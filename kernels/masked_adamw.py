@@ -49,7 +49,7 @@ def _one_minus_pow(log_beta, s):
     x = s * log_beta
     u = tl.exp(x)
     # The clamp only keeps the unused lane finite (x < -0.5 takes the plain form).
-    kahan = tl.where(u == 1.0, -x, (1.0 - u) * x / tl.log(tl.maximum(u, 0.5)))
+    kahan = tl.where(u == 1.0, -x, tl.div_rn((1.0 - u) * x, tl.log(tl.maximum(u, 0.5))))
     return tl.where(x < -0.5, 1.0 - u, kahan)
 
 
@@ -119,7 +119,7 @@ def _masked_adamw_kernel(
     else:
         lr_f = lr
     s = tl.load(steps_ptr + t)
-    neg_step_size = -lr_f / _one_minus_pow(log_beta1, s)
+    neg_step_size = tl.div_rn(-lr_f, _one_minus_pow(log_beta1, s))
     bc2_sqrt = tl.sqrt_rn(_one_minus_pow(log_beta2, s))
     decay = 1.0 - lr_f * weight_decay
 
