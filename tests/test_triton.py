@@ -336,3 +336,69 @@ def test_why_not():
         reason = mod.why_not(other)
         assert isinstance(reason, str) and other in reason
     assert "triton" in backends.available(DEVICE) or DEVICE == "cpu"
+
+
+def test_why_not_cpu_without_interpreter(monkeypatch):
+    mod = backends.load("triton")
+    monkeypatch.setattr(sys.modules["fastmask.kernels._utils"], "INTERPRETED", False)
+    reason = mod.why_not("cpu")
+    assert isinstance(reason, str) and "TRITON_INTERPRET" in reason
+
+
+# The interpreter runs the kernels as Python and accepts code that the compiler rejects (types of
+# scalars, scoping of constexpr branches, int -> pointer casts). Compiling for a real GPU target
+# needs no GPU, only Triton's bundled ptxas, so do it in a fresh process without the interpreter.
+_COMPILE_SCRIPT = r"""
+import os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, sys.argv[1])
+import triton, triton.language as tl
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from fastmask import backends
+backends.load("triton")
+ma = sys.modules["fastmask.kernels.masked_adamw"]
+sa = sys.modules["fastmask.kernels.score_accumulate"]
+
+def build(fn, sig, consts):
+    signature = {name: sig.get(name, "constexpr") for name in fn.arg_names}
+    return triton.compile(ASTSource(fn, signature, consts), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": 4})
+
+ptrs = ("max_exp_avg_sq_ptr", "lr_ptr", "grad_scale_ptr", "found_inf_ptr")
+for pd, everything, fused, mode in [(tl.float32, False, False, 0), (tl.bfloat16, True, True, 2),
+                                    (tl.float16, True, False, 0), (tl.float32, True, True, 1)]:
+    sig = dict(table_ptr="*i64", n_tensors="i32", idx_ptr="*i32", exp_avg_ptr="*fp32",
+               exp_avg_sq_ptr="*fp32", steps_ptr="*fp32", lr="fp32", beta1="fp32", beta2="fp32",
+               log_beta1="fp32", log_beta2="fp32", eps="fp32", weight_decay="fp32", n_iter="i32")
+    consts = dict(P_DTYPE=pd, LR_ON_DEVICE=everything, AMSGRAD=everything, MAXIMIZE=everything,
+                  HAS_SCALE=everything, HAS_INF=everything, FUSED_SCORES=fused, SCORE_MODE=mode,
+                  BLOCK=1024, SBLOCK=256, T_PAD=32)
+    for p in ptrs:
+        if everything:
+            sig[p] = "*fp64" if p == "lr_ptr" else "*fp32"
+        else:
+            consts[p] = None
+    ptx = build(ma._masked_adamw_kernel, sig, consts).asm["ptx"]
+    assert "div.full" not in ptx and "sqrt.approx" not in ptx, "approximate div/sqrt in the step"
+for gd in (tl.float32, tl.bfloat16, tl.float64):
+    build(sa._score_accumulate_kernel, dict(table_ptr="*i64", n_tensors="i32"),
+          dict(G_DTYPE=gd, SCORE_MODE=2, BLOCK=1024, T_PAD=16))
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_a_gpu_target():
+    import os
+    import subprocess
+    from pathlib import Path
+
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except Exception as exc:  # pragma: no cover
+        pytest.skip(f"Triton's NVIDIA backend is not installed ({exc})")
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, str(root)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert run.returncode == 0 and "compiled" in run.stdout, run.stdout[-3000:] + run.stderr[-5000:]
