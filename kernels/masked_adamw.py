@@ -172,12 +172,9 @@ def masked_adamw_step_(
     device = params[0].device
     fused = bool(scores)
     seg = [offsets[t + 1] - offsets[t] for t in range(n)]
-    if fused:
-        block = dense_block(device)
-        counts = [triton.cdiv(p.numel(), block) for p in params]
-    else:
-        block = dense_block(device)
-        counts = [triton.cdiv(k, block) for k in seg]
+    block = dense_block(device)
+    # Fused: programs tile the dense tensors (every gradient entry is scored); else the segments.
+    counts = [triton.cdiv(p.numel() if fused else k, block) for p, k in zip(params, seg)]
     starts, total = [], 0
     for c in counts:
         starts.append(total)

@@ -202,6 +202,15 @@ def test_step_fused_scores(dtype, mode, density):
           grad_scale=torch.tensor(2.0, device=DEVICE), maximize=True)
 
 
+@pytest.mark.parametrize("fused", [pytest.param(False, id="step-only"), pytest.param(True, id="fused-scores")])
+def test_step_many_tensors(fused):
+    """40 tensors (more than one 16-wide search vector), some empty, in one launch."""
+    g = torch.Generator().manual_seed(53)
+    shapes = [(int(n),) for n in torch.randint(0, 300, (40,), generator=g)] + [(0,), (5000,)]
+    problem = make_problem(shapes, dtype=torch.float16, density=0.5, seed=59)
+    _both(problem, torch.float16, scores=_random_scores(shapes) if fused else None, score_mode="fisher")
+
+
 def test_step_large_tensor():
     """One tensor of 1000003 entries (prime: no block divides it) beside small ones, fused scoring."""
     shapes = [(1000003,), (7,), (1,)]
