@@ -172,7 +172,7 @@ def select_masks(scores: list[torch.Tensor], density: float) -> list[torch.Tenso
 # timing
 # ------------------------------------------------------------------------------------------------
 def run_timed(benchmark, fn, device, case_time: float, min_rounds: int = 3, max_rounds: int = 100):
-    """Time ``fn`` with pytest-benchmark: one untimed warm-up call (also sizes the run), then as
+    """Time ``fn`` with pytest-benchmark: two untimed warm-up calls (the second sizes the run), then as
     many rounds as fit in ``case_time`` seconds (at least ``min_rounds``). On a GPU the timed
     function synchronizes before it returns, and each round's setup synchronizes before it starts."""
     dev = torch.device(device)
@@ -187,31 +187,34 @@ def run_timed(benchmark, fn, device, case_time: float, min_rounds: int = 3, max_
     if getattr(benchmark, "disabled", False):
         # --benchmark-disable: pytest-benchmark runs the function once; nothing to size
         return benchmark(timed)
+    timed()  # warm-up: lazy state (optimizer state, caches, first-touch page faults)
     t0 = time.perf_counter()
     timed()
-    first = time.perf_counter() - t0
-    rounds = int(min(max_rounds, max(min_rounds, case_time / max(first, 1e-6))))
-    return benchmark.pedantic(timed, setup=setup, rounds=rounds, iterations=1, warmup_rounds=1)
+    once = time.perf_counter() - t0
+    rounds = int(min(max_rounds, max(min_rounds, case_time / max(once, 1e-6))))
+    return benchmark.pedantic(timed, setup=setup, rounds=rounds, iterations=1, warmup_rounds=0)
 
 
-def mean_time(benchmark) -> float | None:
+def mean_time(benchmark, field: str = "mean") -> float | None:
     stats = getattr(benchmark, "stats", None)
     if stats is None:
         return None
     inner = getattr(stats, "stats", stats)
     try:
-        return float(inner.mean)
-    except (AttributeError, statistics.StatisticsError, TypeError):
+        return float(getattr(inner, field))
+    except (AttributeError, statistics.StatisticsError, TypeError, ValueError):
         return None
 
 
 def record_rate(benchmark, bytes_key: str, gbps_key: str = "gbps") -> None:
-    """After the timed run: ``extra_info[gbps_key] = extra_info[bytes_key] / mean time / 1e9``."""
-    t = mean_time(benchmark)
+    """After the timed run: ``extra_info[gbps_key] = extra_info[bytes_key] / mean time / 1e9``,
+    and ``<gbps_key>_median`` from the median time (robust to a noisy, shared machine)."""
     b = benchmark.extra_info.get(bytes_key)
-    if t and b is not None:
-        benchmark.extra_info[gbps_key] = b / t / 1e9
-        benchmark.extra_info["mean_s"] = t
+    for field, key in (("mean", gbps_key), ("median", gbps_key + "_median")):
+        t = mean_time(benchmark, field)
+        if t and b is not None:
+            benchmark.extra_info[key] = b / t / 1e9
+            benchmark.extra_info[field + "_s"] = t
 
 
 # ------------------------------------------------------------------------------------------------
@@ -241,6 +244,7 @@ def machine_info(device: str | None = None) -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
     try:
         with open("/proc/meminfo") as f:

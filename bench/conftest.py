@@ -91,6 +91,8 @@ class Options:
 
 def pytest_configure(config):
     config._fastmask_bench = Options(config)
+    # other processes compete for the cores on a shared machine: record the load at the start
+    config._fastmask_load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
 
 
 def options(config) -> Options:
@@ -100,12 +102,15 @@ def options(config) -> Options:
 def pytest_benchmark_update_machine_info(config, machine_info):
     """Machine description stored in the JSON (read by bench.report)."""
     info = common.machine_info()
+    info["loadavg_start"] = getattr(config, "_fastmask_load_start", None)
+    info["loadavg_end"] = info.pop("loadavg")
     machine_info["fastmask"] = info
     machine_info["fastmask_backends"] = {
         d: fastmask.backends.available(d) for d in ("cpu", "cuda") if d == "cpu" or torch.cuda.is_available()
     }
     machine_info["fastmask_backend_report"] = fastmask.backends.report()
     opts = options(config)
+    machine_info["fastmask_command"] = "python -m pytest " + " ".join(config.invocation_params.args)
     machine_info["fastmask_bench_options"] = {
         "shapes": opts.shapes, "densities": opts.densities, "masks": opts.masks, "devices": opts.devices,
         "dtypes": opts.dtypes, "case_time": opts.case_time, "e2e_model": opts.e2e_model,
