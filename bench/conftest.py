@@ -17,6 +17,8 @@ Options (comma-separated lists):
 - ``--device``: ``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda`` or ``cpu,cuda``.
 - ``--dtypes``: ``fp32``, ``bf16``, ``fp16``; default ``fp32``.
 - ``--case-time``: seconds of timed rounds per case (at least 3 rounds); default 0.6.
+- ``--paired-rounds``: rounds of ``test_masked_step_paired``, which calls every implementation of
+  a case in turn so that their ratios hold on a busy machine; default 5.
 - ``--e2e-model``: the end-to-end training-step model: ``small`` (a 4-layer width-256 CLIP at
   64 px, quick on a CPU), ``tiny`` (tests.utils.tiny_open_clip), or an open_clip model name such
   as ``ViT-B-16``. Default ``auto``: ``tiny`` when ``--shapes tiny`` alone (CI), else ``small``.
@@ -49,6 +51,8 @@ def pytest_addoption(parser):
     g.addoption("--device", default="auto", help="auto, cpu, cuda, or cpu,cuda (default auto)")
     g.addoption("--dtypes", default="fp32", help="param dtypes: fp32, bf16, fp16 (default fp32)")
     g.addoption("--case-time", type=float, default=0.6, help="seconds of timed rounds per case (default 0.6)")
+    g.addoption("--paired-rounds", type=int, default=5,
+                help="rounds of the interleaved masked-step comparison (default 5)")
     g.addoption("--e2e-model", default="auto",
                 help="end-to-end model: auto (tiny for --shapes tiny, else small), small, tiny or an open_clip name")
     g.addoption("--e2e-batch", type=int, default=8, help="end-to-end batch size (default 8)")
@@ -83,6 +87,7 @@ class Options:
             if d not in common.DTYPES:
                 raise pytest.UsageError(f"--dtypes: unknown dtype {d!r}; known: {', '.join(common.DTYPES)}")
         self.case_time = config.getoption("--case-time")
+        self.paired_rounds = config.getoption("--paired-rounds")
         self.e2e_model = config.getoption("--e2e-model")
         if self.e2e_model == "auto":
             self.e2e_model = "tiny" if self.shapes == ["tiny"] else "small"

@@ -3,7 +3,9 @@ run, the speed bars, and a plot.
 
     python -m bench.report bench/results-cpu.json [--out bench/] [--name RESULTS]
 
-writes ``<out>/<name>.md`` and ``<out>/<json stem>.png``. Times are the **median** of each case's
+writes ``<out>/<name>.md`` and ``<out>/<json stem>.png``. A hand-written block between the lines
+``<!-- notes:start -->`` and ``<!-- notes:end -->`` of an existing ``<name>.md`` is kept (placed
+after the machine description). Times are the **median** of each case's
 rounds (robust on a shared machine; pytest-benchmark's JSON also holds mean, min, max, stddev).
 Effective bandwidth of a fastmask case = the device's line-level byte floor / time (64 B lines on
 a CPU, 32 B sectors on a GPU); of a dense baseline = its own bytes (N x 40 for fp32) / time.
@@ -57,6 +59,16 @@ def load(path: str | Path) -> dict:
         return json.load(f)
 
 
+def _load(v) -> str:
+    return "?" if not v else ", ".join(f"{x:.1f}" for x in v)
+
+
+def _busy(fm: dict) -> bool:
+    cores = fm.get("affinity_cpus") or fm.get("cpu_count") or 1
+    loads = [v[0] for v in (fm.get("loadavg_start"), fm.get("loadavg_end")) if v]
+    return any(x > cores + 0.5 for x in loads)
+
+
 def _machine(data: dict) -> list[str]:
     mi = data.get("machine_info", {})
     fm = mi.get("fastmask", {})
@@ -73,6 +85,9 @@ def _machine(data: dict) -> list[str]:
         f"pytest-benchmark {data.get('version', '?')}",
         f"- fastmask backends available: "
         + "; ".join(f"{d}: {', '.join(v) or 'none'}" for d, v in mi.get("fastmask_backends", {}).items()),
+        f"- load average (1, 5, 15 min) at start: {_load(fm.get('loadavg_start'))}, at end: {_load(fm.get('loadavg_end'))}"
+        + (" -- **other processes were competing for the cores: times are noisy**"
+           if _busy(fm) else ""),
         f"- command: `{mi.get('fastmask_command', '?')}`",
         f"- options: `{json.dumps(mi.get('fastmask_bench_options', {}))}`",
     ]
@@ -82,30 +97,36 @@ def _machine(data: dict) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 # masked step
 # ------------------------------------------------------------------------------------------------
-def masked_step_rows(benchmarks: list[dict]) -> list[dict]:
-    groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
+def _ms_groups(benchmarks: list[dict], paired: bool) -> dict[tuple, dict[str, tuple[float, dict]]]:
+    """{case key: {impl: (median seconds, extra_info)}} from the separate cases or the paired ones."""
+    groups: dict[tuple, dict[str, tuple[float, dict]]] = defaultdict(dict)
     for b in benchmarks:
         e = b["extra_info"]
-        if e.get("bench") != "masked_step":
-            continue
-        key = (e["device"], e["dtype"], e["shape_set"], e["mask"], e["density"])
-        groups[key][e["impl"]] = b
+        key = (e.get("device"), e.get("dtype"), e.get("shape_set"), e.get("mask"), e.get("density"))
+        if not paired and e.get("bench") == "masked_step":
+            groups[key][e["impl"]] = (_t(b), e)
+        elif paired and e.get("bench") == "masked_step_paired" and e.get("paired"):
+            for impl, v in e["paired"].items():
+                groups[key][impl] = (v["median_s"], {**e, **v})
+    return groups
+
+
+def masked_step_rows(benchmarks: list[dict], paired: bool = False) -> list[dict]:
+    groups = _ms_groups(benchmarks, paired)
     rows = []
     for key, impls in groups.items():
         device, dtype, shape_set, mask, density = key
         fm = {k.split(":", 1)[1]: v for k, v in impls.items() if k.startswith("fastmask:")}
         if not fm:
             continue
-        best_name = min(fm, key=lambda n: _t(fm[n]))
-        best = fm[best_name]
-        e = best["extra_info"]
+        best_name = min(fm, key=lambda n: fm[n][0])
+        tb, e = fm[best_name]
         floor_key = "floor_bytes_gpu32" if device == "cuda" else "floor_bytes_cpu64"
-        tb = _t(best)
-        base = {n: _t(impls[n]) if n in impls else None for n in BASELINES}
-        tref = _t(fm["reference"]) if "reference" in fm else None
+        base = {n: impls[n][0] if n in impls else None for n in BASELINES}
+        tref = fm["reference"][0] if "reference" in fm else None
         fused = impls.get("adamw_fused+mask")
         bw_best = e[floor_key] / tb / 1e9
-        bw_fused = fused["extra_info"]["dense_bytes"] / _t(fused) / 1e9 if fused else None
+        bw_fused = fused[1]["dense_bytes"] / fused[0] / 1e9 if fused else None
         rows.append(dict(
             device=device, dtype=dtype, shape_set=shape_set, mask=mask, density=density,
             N=e["N"], K=e["K"], touched=e["touched_frac_32" if device == "cuda" else "touched_frac_64"],
@@ -119,9 +140,9 @@ def masked_step_rows(benchmarks: list[dict]) -> list[dict]:
             bw_best=bw_best, bw_fused=bw_fused, bw_pct=100 * bw_best / bw_fused if bw_fused else None,
             state_best=e.get("opt_state_bytes"),
             state_per_k=e.get("opt_state_bytes", 0) / e["K"] if e["K"] else None,
-            state_fused=fused["extra_info"].get("opt_state_bytes") if fused else None,
-            mask_fused=fused["extra_info"].get("mask_bytes") if fused else None,
-            backends={n: _t(v) for n, v in fm.items()},
+            state_fused=fused[1].get("opt_state_bytes") if fused else None,
+            mask_fused=fused[1].get("mask_bytes") if fused else None,
+            backends={n: v[0] for n, v in fm.items()},
             floor_ratio=e["dense_bytes"] / e[floor_key],
         ))
     order = {"tiny": 0, "vitb16": 1, "vitl14": 2}
@@ -164,6 +185,8 @@ def backends_table(rows: list[dict]) -> list[str]:
 def bars_section(rows: list[dict]) -> list[str]:
     out = ["| bar (vitb16, random masks, fp32) | device | target | measured | best backend | status |",
            "|---|---|---|---|---|---|"]
+    if not rows:
+        return ["(no masked-step cases in this run)"]
     found = False
     for r in rows:
         if r["shape_set"] != "vitb16" or r["mask"] != "random" or r["dtype"] != "fp32":
@@ -296,20 +319,42 @@ def plot(benchmarks: list[dict], path: Path) -> bool:
         ax.grid(axis="y", which="both", alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.5 / (3.6 * nrow), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 
 
-def render(data: dict, json_name: str, png_name: str | None) -> str:
+NOTES_START, NOTES_END = "<!-- notes:start -->", "<!-- notes:end -->"
+
+
+def _notes(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    text = path.read_text()
+    a, b = text.find(NOTES_START), text.find(NOTES_END)
+    return text[a : b + len(NOTES_END)] if 0 <= a < b else None
+
+
+def render(data: dict, json_name: str, png_name: str | None, notes: str | None = None) -> str:
     bms = data["benchmarks"]
     rows = masked_step_rows(bms)
+    prows = masked_step_rows(bms, paired=True)
+    bar_rows, bar_src = (prows, "the interleaved (paired) runs") if prows else (rows, "the separate cases")
     lines = ["# fastmask benchmark results", "", f"Generated by `python -m bench.report {json_name}` from a "
              "pytest-benchmark JSON. Times are medians of each case's rounds.", "", "## Machine and run", ""]
     lines += _machine(data)
-    lines += ["", "## Speed bars (masked step)", ""] + bars_section(rows)
+    lines += ["", "Reproduce (from the repository root; about 5 minutes on 2 idle cores):", "", "```",
+              "python -m pytest bench/ --benchmark-only --benchmark-json=bench/results-cpu.json && "
+              "python -m bench.report bench/results-cpu.json", "```", "",
+              "CI smoke (every bench file once, tiny set): `python -m pytest bench/ --benchmark-disable --shapes tiny`"]
+    if notes:
+        lines += ["", notes]
+    lines += ["", "## Speed bars (masked step)", "",
+              f"From {bar_src}. Targets are for the best CPU backend (the C++ extension, when it lands); "
+              "`not met` with only the reference backend is expected.", ""] + bars_section(bar_rows)
     lines += ["", "## Masked step: best fastmask backend vs the dense baselines of the same run", "",
               "`x fused` = time of mask-multiply + `AdamW(fused=True)` / time of the best fastmask backend (higher "
               "is better); likewise `x foreach` (mask-multiply + `AdamW(foreach=True)`), `x original` (SPU-code "
@@ -319,6 +364,13 @@ def render(data: dict, json_name: str, png_name: str | None) -> str:
               "move; `max gain`: dense / floor, the most a bandwidth-bound masked step can gain. `eff. GB/s`: floor "
               "bytes / best time; `fused GB/s`: dense bytes / fused time. `state B/K`: bytes in `opt.state` "
               "(int32 indices + fp32 exp_avg, exp_avg_sq) per selected entry.", ""]
+    if prows:
+        lines += ["### Interleaved (paired) comparison", "",
+                  "`test_masked_step_paired`: every implementation of a case is called in turn, rotating the "
+                  "order, for `--paired-rounds` rounds, so all see the same machine conditions; medians of those "
+                  "calls. These ratios are the ones to trust on a busy machine.", ""]
+        lines += masked_step_table(prows)
+        lines += ["", "### Separate cases (pytest-benchmark, one case at a time)", ""]
     lines += masked_step_table(rows)
     if rows and len({n for r in rows for n in r["backends"]}) > 0:
         lines += ["", "### Every fastmask backend (ms, median)", ""] + backends_table(rows)
@@ -341,7 +393,7 @@ def render(data: dict, json_name: str, png_name: str | None) -> str:
                   "c_fc biases and `visual.proj` dense; `MaskedAdamW`), `adamw_fused+mask` (same set, dense fp32 "
                   "masks multiplied into the grads, fused AdamW), `original` (same, SPU-code style), `full` (every "
                   "parameter, fused AdamW). Memory is measured in a fresh subprocess per case: RSS after building "
-                  "model, data, masks and optimizer, and the peak RSS (`ru_maxrss`) after a warm-up and timed "
+                  "model, data, masks and optimizer, and the peak RSS (`VmHWM`) after a warm-up and timed "
                   "steps; their difference is what training adds. Optimizer state = bytes of the tensors in "
                   "`opt.state`.", ""] + tt
     return "\n".join(lines) + "\n"
@@ -358,8 +410,9 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     png = out / (Path(args.json).stem + ".png")
     have_png = plot(data["benchmarks"], png)
-    md = render(data, args.json, png.name if have_png else None)
-    (out / f"{args.name}.md").write_text(md)
+    md_path = out / f"{args.name}.md"
+    md = render(data, args.json, png.name if have_png else None, _notes(md_path))
+    md_path.write_text(md)
     print(f"wrote {out / (args.name + '.md')}" + (f" and {png}" if have_png else ""))
     return 0
 
