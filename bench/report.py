@@ -291,31 +291,34 @@ def plot(benchmarks: list[dict], path: Path) -> bool:
     except ImportError:
         print("matplotlib is not installed: no plot", file=sys.stderr)
         return False
-    ms = [b for b in benchmarks if b["extra_info"].get("bench") == "masked_step"]
-    panels = sorted({(b["extra_info"]["device"], b["extra_info"]["dtype"], b["extra_info"]["shape_set"],
-                      b["extra_info"]["mask"]) for b in ms},
-                    key=lambda k: (k[0], k[1], {"tiny": 0, "vitb16": 1, "vitl14": 2}.get(k[2], 9), k[3]))
+    groups = _ms_groups(benchmarks, paired=True)
+    source = "interleaved runs"
+    if not groups:
+        groups, source = _ms_groups(benchmarks, paired=False), "separate cases"
+    # {(device, dtype, shape_set, mask): {(density, impl): seconds}}
+    data: dict[tuple, dict[tuple, float]] = defaultdict(dict)
+    for (device, dtype, shape_set, mask, density), impls in groups.items():
+        for impl, (t, _) in impls.items():
+            data[(device, dtype, shape_set, mask)][(density, impl)] = t
+    order = {"tiny": 0, "vitb16": 1, "vitl14": 2}
+    panels = sorted(data, key=lambda k: (k[0], k[1], order.get(k[2], 9), k[3]))
     if not panels:
         return False
-    impls = sorted({b["extra_info"]["impl"] for b in ms}, key=lambda s: (not s.startswith("fastmask"), s))
+    impls = sorted({i for v in data.values() for (_, i) in v}, key=lambda s: (not s.startswith("fastmask"), s))
     ncol = 2
     nrow = -(-len(panels) // ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(6.5 * ncol, 3.6 * nrow), squeeze=False)
     width = 0.8 / len(impls)
     for ax, panel in zip(axes.flat, panels):
-        sel = [b for b in ms if (b["extra_info"]["device"], b["extra_info"]["dtype"], b["extra_info"]["shape_set"],
-                                 b["extra_info"]["mask"]) == panel]
-        dens = sorted({b["extra_info"]["density"] for b in sel})
+        sel = data[panel]
+        dens = sorted({d for (d, _) in sel})
         for j, impl in enumerate(impls):
-            ys = []
-            for d in dens:
-                hit = [b for b in sel if b["extra_info"]["impl"] == impl and b["extra_info"]["density"] == d]
-                ys.append(_t(hit[0]) * 1e3 if hit else float("nan"))
+            ys = [sel.get((d, impl), float("nan")) * 1e3 for d in dens]
             ax.bar([i + (j - (len(impls) - 1) / 2) * width for i in range(len(dens))], ys, width, label=impl)
         ax.set_xticks(range(len(dens)), [f"density {d:g}" for d in dens])
         ax.set_yscale("log")
         ax.set_ylabel("ms per step (median)")
-        ax.set_title(f"masked step: {panel[2]}, {panel[3]} masks, {panel[1]}, {panel[0]}")
+        ax.set_title(f"masked step ({source}): {panel[2]}, {panel[3]} masks, {panel[1]}, {panel[0]}", fontsize=10)
         ax.grid(axis="y", which="both", alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
