@@ -1,0 +1,424 @@
+"""Report of a benchmark run: markdown tables of ratios against the dense baselines of the same
+run, the speed bars, and a plot.
+
+    python -m bench.report bench/results-cpu.json [--out bench/] [--name RESULTS]
+
+writes ``<out>/<name>.md`` and ``<out>/<json stem>.png``. A hand-written block between the lines
+``<!-- notes:start -->`` and ``<!-- notes:end -->`` of an existing ``<name>.md`` is kept (placed
+after the machine description). Times are the **median** of each case's
+rounds (robust on a shared machine; pytest-benchmark's JSON also holds mean, min, max, stddev).
+Effective bandwidth of a fastmask case = the device's line-level byte floor / time (64 B lines on
+a CPU, 32 B sectors on a GPU); of a dense baseline = its own bytes (N x 40 for fp32) / time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+BASELINES = ("adamw_fused+mask", "adamw_foreach+mask", "original")
+
+# Speed bars (issue text): masked step, ViT-B/16 set, random masks, fp32, CPU.
+BARS = [
+    ("density 0.1: best backend vs mask-multiply + fused AdamW", 0.1, "x_fused", 3.0),
+    ("density 0.01: best backend vs mask-multiply + fused AdamW", 0.01, "x_fused", 10.0),
+    ("density 0.1: effective bandwidth, % of fused AdamW's", 0.1, "bw_pct", 70.0),
+    ("density 0.01: effective bandwidth, % of fused AdamW's", 0.01, "bw_pct", 70.0),
+    ("density 0.1: best backend vs original style (report; expect ~10x)", 0.1, "x_original", None),
+    ("density 0.1: best backend vs its reference backend", 0.1, "x_reference", 3.0),
+    ("density 0.1: optimizer state per selected entry (B)", 0.1, "state_per_k", -12.0),
+]
+
+
+def _t(b) -> float:
+    return float(b["stats"]["median"])
+
+
+def _ms(t: float | None) -> str:
+    if t is None:
+        return "-"
+    return f"{t * 1e3:.3g}" if t * 1e3 < 100 else f"{t * 1e3:.0f}"
+
+
+def _x(a: float | None, b: float | None) -> str:
+    return "-" if not a or not b else f"{b / a:.2f}x"
+
+
+def _mb(n) -> str:
+    return "-" if n is None else f"{n / 1e6:.1f}"
+
+
+def _fmt(v, nd=2) -> str:
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+def load(path: str | Path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _load(v) -> str:
+    return "?" if not v else ", ".join(f"{x:.1f}" for x in v)
+
+
+def _busy(fm: dict) -> bool:
+    cores = fm.get("affinity_cpus") or fm.get("cpu_count") or 1
+    loads = [v[0] for v in (fm.get("loadavg_start"), fm.get("loadavg_end")) if v]
+    return any(x > cores + 0.5 for x in loads)
+
+
+def _machine(data: dict) -> list[str]:
+    mi = data.get("machine_info", {})
+    fm = mi.get("fastmask", {})
+    lines = [
+        f"- date: {data.get('datetime', fm.get('timestamp', '?'))}",
+        f"- machine: {fm.get('cpu', mi.get('cpu', {}).get('brand_raw', '?'))}, {fm.get('cpu_count')} logical CPUs "
+        f"({fm.get('affinity_cpus')} usable, torch threads {fm.get('torch_threads')}), {fm.get('memory_gib', '?')} GiB; "
+        f"{fm.get('platform', '')}",
+    ]
+    if fm.get("gpu"):
+        lines.append(f"- GPU: {fm['gpu']} (CUDA {fm.get('cuda')})")
+    lines += [
+        f"- torch {fm.get('torch')}, fastmask {fm.get('fastmask')}, python {fm.get('python')}, "
+        f"pytest-benchmark {data.get('version', '?')}",
+        f"- fastmask backends available: "
+        + "; ".join(f"{d}: {', '.join(v) or 'none'}" for d, v in mi.get("fastmask_backends", {}).items()),
+        f"- load average (1, 5, 15 min) at start: {_load(fm.get('loadavg_start'))}, at end: {_load(fm.get('loadavg_end'))}"
+        + (" -- **other processes were competing for the cores: times are noisy**"
+           if _busy(fm) else ""),
+        f"- command: `{mi.get('fastmask_command', '?')}`",
+        f"- options: `{json.dumps(mi.get('fastmask_bench_options', {}))}`",
+    ]
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------
+# masked step
+# ------------------------------------------------------------------------------------------------
+def _ms_groups(benchmarks: list[dict], paired: bool) -> dict[tuple, dict[str, tuple[float, dict]]]:
+    """{case key: {impl: (median seconds, extra_info)}} from the separate cases or the paired ones."""
+    groups: dict[tuple, dict[str, tuple[float, dict]]] = defaultdict(dict)
+    for b in benchmarks:
+        e = b["extra_info"]
+        key = (e.get("device"), e.get("dtype"), e.get("shape_set"), e.get("mask"), e.get("density"))
+        if not paired and e.get("bench") == "masked_step":
+            groups[key][e["impl"]] = (_t(b), e)
+        elif paired and e.get("bench") == "masked_step_paired" and e.get("paired"):
+            for impl, v in e["paired"].items():
+                groups[key][impl] = (v["median_s"], {**e, **v})
+    return groups
+
+
+def masked_step_rows(benchmarks: list[dict], paired: bool = False) -> list[dict]:
+    groups = _ms_groups(benchmarks, paired)
+    rows = []
+    for key, impls in groups.items():
+        device, dtype, shape_set, mask, density = key
+        fm = {k.split(":", 1)[1]: v for k, v in impls.items() if k.startswith("fastmask:")}
+        if not fm:
+            continue
+        best_name = min(fm, key=lambda n: fm[n][0])
+        tb, e = fm[best_name]
+        floor_key = "floor_bytes_gpu32" if device == "cuda" else "floor_bytes_cpu64"
+        base = {n: impls[n][0] if n in impls else None for n in BASELINES}
+        tref = fm["reference"][0] if "reference" in fm else None
+        fused = impls.get("adamw_fused+mask")
+        bw_best = e[floor_key] / tb / 1e9
+        bw_fused = fused[1]["dense_bytes"] / fused[0] / 1e9 if fused else None
+        rows.append(dict(
+            device=device, dtype=dtype, shape_set=shape_set, mask=mask, density=density,
+            N=e["N"], K=e["K"], touched=e["touched_frac_32" if device == "cuda" else "touched_frac_64"],
+            floor=e[floor_key], dense=e["dense_bytes"], best=best_name, t_best=tb,
+            t_fused=base["adamw_fused+mask"], t_foreach=base["adamw_foreach+mask"], t_original=base["original"],
+            t_reference=tref,
+            x_fused=base["adamw_fused+mask"] / tb if base["adamw_fused+mask"] else None,
+            x_foreach=base["adamw_foreach+mask"] / tb if base["adamw_foreach+mask"] else None,
+            x_original=base["original"] / tb if base["original"] else None,
+            x_reference=tref / tb if tref else None,
+            bw_best=bw_best, bw_fused=bw_fused, bw_pct=100 * bw_best / bw_fused if bw_fused else None,
+            state_best=e.get("opt_state_bytes"),
+            state_per_k=e.get("opt_state_bytes", 0) / e["K"] if e["K"] else None,
+            state_fused=fused[1].get("opt_state_bytes") if fused else None,
+            mask_fused=fused[1].get("mask_bytes") if fused else None,
+            backends={n: v[0] for n, v in fm.items()},
+            floor_ratio=e["dense_bytes"] / e[floor_key],
+        ))
+    order = {"tiny": 0, "vitb16": 1, "vitl14": 2}
+    rows.sort(key=lambda r: (r["device"], r["dtype"], order.get(r["shape_set"], 9), r["mask"], r["density"]))
+    return rows
+
+
+def masked_step_table(rows: list[dict]) -> list[str]:
+    out = [
+        "| device | dtype | shapes | mask | density | K | lines touched | floor MB | dense MB | max gain (dense/floor) "
+        "| best backend | best ms | fused+mask ms | foreach+mask ms | original ms | reference ms "
+        "| x fused | x foreach | x original | x reference | eff. GB/s (floor) | fused GB/s (own) | % of fused "
+        "| state B/K | fused state MB (+mask MB) |",
+        "|" + "---|" * 25,
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['device']} | {r['dtype']} | {r['shape_set']} | {r['mask']} | {r['density']} | {r['K']:,} "
+            f"| {100 * r['touched']:.0f}% | {_mb(r['floor'])} | {_mb(r['dense'])} | {r['floor_ratio']:.1f}x "
+            f"| {r['best']} | {_ms(r['t_best'])} | {_ms(r['t_fused'])} | {_ms(r['t_foreach'])} "
+            f"| {_ms(r['t_original'])} | {_ms(r['t_reference'])} "
+            f"| {_x(r['t_best'], r['t_fused'])} | {_x(r['t_best'], r['t_foreach'])} "
+            f"| {_x(r['t_best'], r['t_original'])} | {_x(r['t_best'], r['t_reference'])} "
+            f"| {_fmt(r['bw_best'])} | {_fmt(r['bw_fused'])} | {_fmt(r['bw_pct'], 0)}% "
+            f"| {_fmt(r['state_per_k'], 1)} | {_mb(r['state_fused'])} (+{_mb(r['mask_fused'])}) |"
+        )
+    return out
+
+
+def backends_table(rows: list[dict]) -> list[str]:
+    names = sorted({n for r in rows for n in r["backends"]})
+    out = ["| device | dtype | shapes | mask | density | " + " | ".join(f"{n} ms" for n in names) + " |",
+           "|" + "---|" * (5 + len(names))]
+    for r in rows:
+        out.append(f"| {r['device']} | {r['dtype']} | {r['shape_set']} | {r['mask']} | {r['density']} | "
+                   + " | ".join(_ms(r["backends"].get(n)) for n in names) + " |")
+    return out
+
+
+def bars_section(rows: list[dict]) -> list[str]:
+    out = ["| bar (vitb16, random masks, fp32) | device | target | measured | best backend | status |",
+           "|---|---|---|---|---|---|"]
+    if not rows:
+        return ["(no masked-step cases in this run)"]
+    found = False
+    for r in rows:
+        if r["shape_set"] != "vitb16" or r["mask"] != "random" or r["dtype"] != "fp32":
+            continue
+        for label, density, field, target in BARS:
+            if abs(r["density"] - density) > 1e-9:
+                continue
+            found = True
+            v = r[field]
+            if target is None:
+                tgt, status = "report", "-"
+            elif target < 0:
+                tgt, status = f"<= {-target:g}", ("met" if v is not None and v <= -target else "not met")
+            else:
+                tgt, status = f">= {target:g}", ("met" if v is not None and v >= target else "not met")
+            unit = "%" if field == "bw_pct" else ("" if field == "state_per_k" else "x")
+            out.append(f"| {label} | {r['device']} | {tgt} | {_fmt(v, 1)}{unit} | {r['best']} | {status} |")
+    if not found:
+        return ["(no vitb16 random fp32 masked-step cases in this run)"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# score, select, train step
+# ------------------------------------------------------------------------------------------------
+def score_table(benchmarks: list[dict]) -> list[str]:
+    by: dict[tuple, dict] = defaultdict(dict)
+    copies = {}
+    for b in benchmarks:
+        e = b["extra_info"]
+        if e.get("bench") != "score":
+            continue
+        key = (e["device"], e["dtype"], e["shape_set"])
+        if e["impl"] == "copy":
+            copies[key] = b
+        else:
+            by[key + (e["mode"],)][e["impl"]] = b
+    if not by:
+        return []
+    impls = sorted({i for v in by.values() for i in v}, key=lambda s: (not s.startswith("fastmask"), s))
+    out = ["| device | dtype | shapes | mode | N | " + " | ".join(f"{i} ms" for i in impls)
+           + " | best fastmask GB/s | copy ms | copy GB/s | best fastmask % of copy GB/s | best fastmask vs torch_loop |",
+           "|" + "---|" * (5 + len(impls) + 5)]
+    for key in sorted(by):
+        row = by[key]
+        c = copies.get(key[:3])
+        fm = {i: v for i, v in row.items() if i.startswith("fastmask:")}
+        best = min(fm.values(), key=_t) if fm else None
+        bw = best["extra_info"]["own_bytes"] / _t(best) / 1e9 if best else None
+        cbw = c["extra_info"]["own_bytes"] / _t(c) / 1e9 if c else None
+        loop = row.get("torch_loop")
+        n = next(iter(row.values()))["extra_info"]["N"]
+        out.append(f"| {' | '.join(map(str, key))} | {n:,} | " + " | ".join(_ms(_t(row[i])) if i in row else "-" for i in impls)
+                   + f" | {_fmt(bw)} | {_ms(_t(c)) if c else '-'} | {_fmt(cbw)} | "
+                   + (f"{100 * bw / cbw:.0f}%" if bw and cbw else "-")
+                   + f" | {_x(_t(best), _t(loop)) if best and loop else '-'} |")
+    return out
+
+
+def select_table(benchmarks: list[dict]) -> list[str]:
+    rows = [b for b in benchmarks if b["extra_info"].get("bench") == "select"]
+    if not rows:
+        return []
+    out = ["| device | shapes | scores | density | N | K | ms | GB/s (one read of the scores) |", "|" + "---|" * 8]
+    order = {"tiny": 0, "vitb16": 1, "vitl14": 2}
+    rows.sort(key=lambda b: (b["extra_info"]["device"], order.get(b["extra_info"]["shape_set"], 9),
+                             b["extra_info"]["mask"], b["extra_info"]["density"]))
+    for b in rows:
+        e = b["extra_info"]
+        out.append(f"| {e['device']} | {e['shape_set']} | {e['mask']} | {e['density']} | {e['N']:,} | {e['K']:,} "
+                   f"| {_ms(_t(b))} | {_fmt(e['own_bytes'] / _t(b) / 1e9)} |")
+    return out
+
+
+def train_table(benchmarks: list[dict]) -> list[str]:
+    rows = [b for b in benchmarks if b["extra_info"].get("bench") == "train_step"]
+    if not rows:
+        return []
+    ref = {(b["extra_info"]["device"], b["extra_info"]["model"]): _t(b) for b in rows
+           if b["extra_info"]["impl"] == "fastmask"}
+    out = ["| device | model | batch | method | params | trainable | ms/step | time / fastmask time | opt state MB "
+           "| RSS after set-up MB | peak RSS MB | peak - set-up MB | CUDA peak MB |", "|" + "---|" * 13]
+    for b in rows:
+        e = b["extra_info"]
+        r = ref.get((e["device"], e["model"]))
+        out.append(f"| {e['device']} | {e['model']} | {e['batch']} | {e['impl']} | {e['params']:,} | {e['trainable']:,} "
+                   f"| {_ms(_t(b))} | {_x(r, _t(b)) if r else '-'} | {_mb(e.get('opt_state_bytes'))} "
+                   f"| {_mb(e.get('rss_setup_bytes'))} | {_mb(e.get('peak_rss_bytes'))} | {_mb(e.get('train_rss_bytes'))} "
+                   f"| {_mb(e.get('cuda_max_allocated_bytes'))} |")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# plot
+# ------------------------------------------------------------------------------------------------
+def plot(benchmarks: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return False
+    groups = _ms_groups(benchmarks, paired=True)
+    source = "interleaved runs"
+    if not groups:
+        groups, source = _ms_groups(benchmarks, paired=False), "separate cases"
+    # {(device, dtype, shape_set, mask): {(density, impl): seconds}}
+    data: dict[tuple, dict[tuple, float]] = defaultdict(dict)
+    for (device, dtype, shape_set, mask, density), impls in groups.items():
+        for impl, (t, _) in impls.items():
+            data[(device, dtype, shape_set, mask)][(density, impl)] = t
+    order = {"tiny": 0, "vitb16": 1, "vitl14": 2}
+    panels = sorted(data, key=lambda k: (k[0], k[1], order.get(k[2], 9), k[3]))
+    if not panels:
+        return False
+    impls = sorted({i for v in data.values() for (_, i) in v}, key=lambda s: (not s.startswith("fastmask"), s))
+    ncol = 2
+    nrow = -(-len(panels) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(6.5 * ncol, 3.6 * nrow), squeeze=False)
+    width = 0.8 / len(impls)
+    for ax, panel in zip(axes.flat, panels):
+        sel = data[panel]
+        dens = sorted({d for (d, _) in sel})
+        for j, impl in enumerate(impls):
+            ys = [sel.get((d, impl), float("nan")) * 1e3 for d in dens]
+            ax.bar([i + (j - (len(impls) - 1) / 2) * width for i in range(len(dens))], ys, width, label=impl)
+        ax.set_xticks(range(len(dens)), [f"density {d:g}" for d in dens])
+        ax.set_yscale("log")
+        ax.set_ylabel("ms per step (median)")
+        ax.set_title(f"masked step ({source}): {panel[2]}, {panel[3]} masks, {panel[1]}, {panel[0]}", fontsize=10)
+        ax.grid(axis="y", which="both", alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.5 / (3.6 * nrow), 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+NOTES_START, NOTES_END = "<!-- notes:start -->", "<!-- notes:end -->"
+
+
+def _notes(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    text = path.read_text()
+    a, b = text.find(NOTES_START), text.find(NOTES_END)
+    return text[a : b + len(NOTES_END)] if 0 <= a < b else None
+
+
+def render(data: dict, json_name: str, png_name: str | None, notes: str | None = None) -> str:
+    bms = data["benchmarks"]
+    rows = masked_step_rows(bms)
+    prows = masked_step_rows(bms, paired=True)
+    bar_rows, bar_src = (prows, "the interleaved (paired) runs") if prows else (rows, "the separate cases")
+    lines = ["# fastmask benchmark results", "", f"Generated by `python -m bench.report {json_name}` from a "
+             "pytest-benchmark JSON. Times are medians of each case's rounds.", "", "## Machine and run", ""]
+    lines += _machine(data)
+    lines += ["", "Reproduce (from the repository root; about 5 minutes on 2 idle cores):", "", "```",
+              "python -m pytest bench/ --benchmark-only --benchmark-json=bench/results-cpu.json && "
+              "python -m bench.report bench/results-cpu.json", "```", "",
+              "CI smoke (every bench file once, tiny set): `python -m pytest bench/ --benchmark-disable --shapes tiny`"]
+    if notes:
+        lines += ["", notes]
+    lines += ["", "## Speed bars (masked step)", "",
+              f"From {bar_src}. Targets are for the best CPU backend (the C++ extension, when it lands); "
+              "`not met` with only the reference backend is expected.", ""] + bars_section(bar_rows)
+    lines += ["", "## Masked step: best fastmask backend vs the dense baselines of the same run", "",
+              "`x fused` = time of mask-multiply + `AdamW(fused=True)` / time of the best fastmask backend (higher "
+              "is better); likewise `x foreach` (mask-multiply + `AdamW(foreach=True)`), `x original` (SPU-code "
+              "style: Python loop of dense fp32 mask multiplies, one group per parameter, `AdamW(foreach=False)`) "
+              "and `x reference` (fastmask's reference backend). `floor MB`: the line-level byte floor of the "
+              "masked step on this device (DESIGN.md section 5); `dense MB`: N x 40 B, what the dense baselines "
+              "move; `max gain`: dense / floor, the most a bandwidth-bound masked step can gain. `eff. GB/s`: floor "
+              "bytes / best time; `fused GB/s`: dense bytes / fused time. `state B/K`: bytes in `opt.state` "
+              "(int32 indices + fp32 exp_avg, exp_avg_sq) per selected entry.", ""]
+    if prows:
+        lines += ["### Interleaved (paired) comparison", "",
+                  "`test_masked_step_paired`: every implementation of a case is called in turn, rotating the "
+                  "order, for `--paired-rounds` rounds, so all see the same machine conditions; medians of those "
+                  "calls. These ratios are the ones to trust on a busy machine.", ""]
+        lines += masked_step_table(prows)
+        lines += ["", "### Separate cases (pytest-benchmark, one case at a time)", ""]
+    lines += masked_step_table(rows)
+    if rows and len({n for r in rows for n in r["backends"]}) > 0:
+        lines += ["", "### Every fastmask backend (ms, median)", ""] + backends_table(rows)
+    if png_name:
+        lines += ["", f"![masked step times]({png_name})"]
+    st = score_table(bms)
+    if st:
+        lines += ["", "## Score accumulation (one pass over the target set)", "",
+                  "fastmask's `score_accumulate_` vs the PyTorch loop and foreach ops; `copy` "
+                  "(`torch._foreach_copy_` of the gradients into the scores) is the bandwidth reference. Bytes: "
+                  "N x (8 + elem) for an accumulation, N x (4 + elem) for the copy.", ""] + st
+    sl = select_table(bms)
+    if sl:
+        lines += ["", "## Selection (`fastmask.select` of all target tensors)", ""] + sl
+    tt = train_table(bms)
+    if tt:
+        lines += ["", "## End-to-end training step", "",
+                  "Forward + backward + optimizer step on random images/captions, CLIP contrastive loss. "
+                  "Methods: `fastmask` (SPU's trainable set: c_fc weights masked at 10% from `fastmask.score`, "
+                  "c_fc biases and `visual.proj` dense; `MaskedAdamW`), `adamw_fused+mask` (same set, dense fp32 "
+                  "masks multiplied into the grads, fused AdamW), `original` (same, SPU-code style), `full` (every "
+                  "parameter, fused AdamW). Memory is measured in a fresh subprocess per case: RSS after building "
+                  "model, data, masks and optimizer, and the peak RSS (`VmHWM`) after a warm-up and timed "
+                  "steps; their difference is what training adds. Optimizer state = bytes of the tensors in "
+                  "`opt.state`.", ""] + tt
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Markdown report and plot of a fastmask pytest-benchmark JSON.")
+    ap.add_argument("json", help="pytest-benchmark JSON (--benchmark-json=...)")
+    ap.add_argument("--out", default="bench", help="output folder (default bench/)")
+    ap.add_argument("--name", default="RESULTS", help="markdown file name without .md (default RESULTS)")
+    args = ap.parse_args(argv)
+    data = load(args.json)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    png = out / (Path(args.json).stem + ".png")
+    have_png = plot(data["benchmarks"], png)
+    md_path = out / f"{args.name}.md"
+    md = render(data, args.json, png.name if have_png else None, _notes(md_path))
+    md_path.write_text(md)
+    print(f"wrote {out / (args.name + '.md')}" + (f" and {png}" if have_png else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
