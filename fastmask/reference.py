@@ -16,22 +16,18 @@ def why_not(device_type: str) -> str | None:
     return None
 
 
-def _statistic(g: torch.Tensor, mode: str) -> torch.Tensor:
-    if mode == "grad":
-        return g
-    if mode == "abs":
-        return g.abs()
-    return g * g  # "fisher"
-
-
 def _accumulate(score: torch.Tensor, grad: torch.Tensor, mode: str, grad_scale, found_inf) -> None:
     g = grad.float()
     if grad_scale is not None:
         g = g / grad_scale.reshape(())
-    stat = _statistic(g, mode)
-    if found_inf is not None:
-        stat = torch.where(found_inf.reshape(()) != 0, torch.zeros((), device=stat.device), stat)
-    score.add_(stat)
+    if found_inf is not None:  # a skipped step contributes nothing, in every mode
+        g = torch.where(found_inf.reshape(()) != 0, torch.zeros((), device=g.device), g)
+    if mode == "grad":
+        score.add_(g)
+    elif mode == "abs":
+        score.add_(g.abs())
+    else:  # "fisher"
+        score.addcmul_(g, g)
 
 
 def score_accumulate_(scores: list[torch.Tensor], grads: list[torch.Tensor], mode: str) -> None:
@@ -55,10 +51,12 @@ def masked_adamw_step_(
     if k_total == 0:
         return
     counts = [offsets[t + 1] - offsets[t] for t in range(len(params))]
-    sel = [idx[offsets[t] : offsets[t + 1]].long() for t in range(len(params))]
+    sel = [idx[offsets[t] : offsets[t + 1]] for t in range(len(params))]
 
-    p_old = torch.cat([p.view(-1)[s] for p, s in zip(params, sel)]).float()
-    g = torch.cat([gr.view(-1)[s] for gr, s in zip(grads, sel)]).float()
+    # index_select takes the int32 indices as they are (advanced indexing with .long() is far
+    # slower on the CPU).
+    p_old = torch.cat([torch.index_select(p.view(-1), 0, s) for p, s in zip(params, sel)]).float()
+    g = torch.cat([torch.index_select(gr.view(-1), 0, s) for gr, s in zip(grads, sel)]).float()
     if grad_scale is not None:
         g = g / grad_scale.reshape(())
     if maximize:
@@ -97,4 +95,4 @@ def masked_adamw_step_(
     if max_exp_avg_sq is not None:
         max_exp_avg_sq.copy_(v_max)
     for t, (param, s) in enumerate(zip(params, sel)):
-        param.view(-1).index_copy_(0, s, p[offsets[t] : offsets[t + 1]].to(param.dtype))
+        param.view(-1).index_copy_(0, s.long(), p[offsets[t] : offsets[t + 1]].to(param.dtype))
