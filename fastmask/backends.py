@@ -26,6 +26,7 @@ __all__ = ["register", "names", "load", "why_not", "available", "forced", "pick"
 #: Backend name -> module implementing it.
 _MODULES: dict[str, str] = {
     "reference": "fastmask.reference",
+    "ext": "fastmask._ext",
 }
 #: Preference order per device type (names not registered are skipped); other device types use
 #: ``"*"``. Triton serves CPU tensors only when forced under ``TRITON_INTERPRET=1`` (tests).
