@@ -269,3 +269,22 @@ def test_cuda_matches_reference(dtype, mode):
         assert_close(getattr(got, name), getattr(want, name), **tol(torch.float32), what=name)
     for a, b in zip(sg, sw):
         assert_close(a, b, **tol(torch.float32), what="scores")
+
+
+@pytest.mark.skipif(os.environ.get("FASTMASK_TEST_JIT", "0") in ("", "0"),
+                    reason="JIT build takes a minute or more; set FASTMASK_TEST_JIT=1")
+def test_jit_build(tmp_path):
+    """FASTMASK_EXT_JIT=1 builds the sources with ninja into FASTMASK_CACHE_DIR and loads them."""
+    code = textwrap.dedent("""
+        import fastmask._ext as ext
+        assert ext.why_not("cpu") is None, ext.why_not("cpu")
+        info = ext.info()
+        assert info["source"] == "jit", info
+        print("ok", info["path"])
+    """)
+    env = {**os.environ, "FASTMASK_EXT_JIT": "1", "FASTMASK_CACHE_DIR": str(tmp_path),
+           "PYTHONPATH": str(Path(fastmask.__file__).resolve().parent.parent)}
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")  # ninja from the venv
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-4000:]
+    assert str(tmp_path) in out.stdout

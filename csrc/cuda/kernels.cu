@@ -86,7 +86,8 @@ __device__ __forceinline__ void step_entry(const StepTable& tab, const StepParam
 }
 
 template <ParamType PT, bool AMSGRAD>
-__global__ void __launch_bounds__(kStepThreads) step_kernel(const StepTable tab, const StepParams sp,
+__global__ void __launch_bounds__(kStepThreads) step_kernel(const __grid_constant__ StepTable tab,
+                                                            const __grid_constant__ StepParams sp,
                                                             int64_t step_blocks) {
   if (sp.found_inf != nullptr && *sp.found_inf != 0.0f) return;
   const bool has_scale = sp.grad_scale != nullptr;
@@ -145,7 +146,7 @@ __global__ void __launch_bounds__(kStepThreads) step_kernel(const StepTable tab,
   }
 }
 
-__global__ void __launch_bounds__(kScoreThreads) score_kernel(const ScoreTable tab, int mode) {
+__global__ void __launch_bounds__(kScoreThreads) score_kernel(const __grid_constant__ ScoreTable tab, int mode) {
   const int64_t c = blockIdx.x;
   const int t = find_segment(tab.chunk_begin, tab.num_tensors, c);
   const int64_t lo = (c - tab.chunk_begin[t]) * kScoreChunk;
