@@ -16,6 +16,10 @@ Where the library comes from:
   ``torch.utils.cpp_extension.load`` into ``$FASTMASK_CACHE_DIR`` (default ``~/.cache/fastmask``),
   one directory per torch/CUDA/Python combination, and loads the result.
 * ``FASTMASK_EXT_DISABLE=1``: never load it.
+
+The CPU kernels are compiled for several instruction sets (AVX-512, AVX2+FMA, baseline) and the
+best one the CPU supports is used; ``FASTMASK_CPU_ISA=avx2|default`` caps it. Their results do
+not depend on the variant nor on the number of OpenMP threads (``torch.set_num_threads``).
 """
 from __future__ import annotations
 

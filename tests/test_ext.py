@@ -288,3 +288,42 @@ def test_jit_build(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-4000:]
     assert str(tmp_path) in out.stdout
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", ["default", "avx2"])
+def test_other_cpu_isa_variants(isa):
+    """The kernels exist in several instruction-set variants; the ones this CPU does not pick by
+    default must give the same results too (run in a subprocess: the choice is made once)."""
+    code = textwrap.dedent("""
+        import copy, torch
+        from fastmask import backends, ops
+        from tests.utils import make_problem
+        print("isa", torch.ops.fastmask_ext.cpu_isa() if hasattr(torch.ops, "fastmask_ext") else None)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            pr = make_problem([(7,), (300, 33), (5000,)], dtype=dtype, density=0.3, seed=9)
+            start = [torch.randn(p.shape) for p in pr.params]
+            out = []
+            for backend in ("ext", "reference"):
+                q = copy.deepcopy(pr); sc = [s.clone() for s in start]
+                with backends.use(backend):
+                    ops.masked_adamw_step_(q.params, q.grads, q.idx, q.exp_avg, q.exp_avg_sq, q.offsets, q.steps,
+                                           1e-2, 0.9, 0.999, 1e-8, 0.1, True, max_exp_avg_sq=q.max_exp_avg_sq,
+                                           grad_scale=torch.tensor(2.0), scores=sc, score_mode="fisher")
+                out.append((q, sc))
+            (a, sa), (b, sb) = out
+            assert torch.equal(a.exp_avg, b.exp_avg) and torch.equal(a.exp_avg_sq, b.exp_avg_sq)
+            assert torch.equal(a.max_exp_avg_sq, b.max_exp_avg_sq)
+            assert all(torch.equal(x, y) for x, y in zip(sa, sb))
+            from tests.utils import tol
+            for x, y in zip(a.params, b.params):
+                torch.testing.assert_close(x, y, **tol(dtype))
+        print("ok")
+    """)
+    env = {**os.environ, "FASTMASK_CPU_ISA": isa,
+           "PYTHONPATH": str(Path(fastmask.__file__).resolve().parent.parent)}
+    out = subprocess.run([sys.executable, "-c", "import fastmask._ext\n" + code], capture_output=True, text=True,
+                         env=env, cwd=Path(fastmask.__file__).resolve().parent.parent)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-4000:]
+    if sys.platform.startswith("linux") and os.uname().machine == "x86_64":
+        assert f"isa {isa}" in out.stdout, out.stdout

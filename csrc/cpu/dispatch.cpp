@@ -1,4 +1,7 @@
 // Picks the best compiled instruction-set variant of the CPU kernels once, at first use.
+#include <cstdlib>
+#include <cstring>
+
 #include "kernels.h"
 
 namespace fastmask {
@@ -10,7 +13,12 @@ enum class Isa { kDefault, kAvx2, kAvx512 };
 Isa detect() {
 #if defined(__x86_64__) && defined(__GNUC__)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+  // FASTMASK_CPU_ISA=default|avx2 caps the variant (tests run every variant; also a workaround
+  // should a variant misbehave somewhere). A variant the CPU lacks is never chosen.
+  const char* cap = std::getenv("FASTMASK_CPU_ISA");
+  if (cap != nullptr && std::strcmp(cap, "default") == 0) return Isa::kDefault;
+  const bool cap_avx2 = cap != nullptr && std::strcmp(cap, "avx2") == 0;
+  if (!cap_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
     return Isa::kAvx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
