@@ -217,6 +217,23 @@ def test_masked_adamw_200_steps(dtype, track):
             assert torch.equal(oe.state[a]["scores"], or_.state[b]["scores"])
 
 
+@needs_ext
+def test_version_counters_bumped():
+    """Like the reference's in-place ops, the kernels' writes bump the version counters."""
+    pr = make_problem([(10,), (20,)], density=0.5)
+    scores = [torch.zeros(p.shape) for p in pr.params]
+    before = [t._version for t in [*pr.params, pr.exp_avg, pr.exp_avg_sq, pr.max_exp_avg_sq, *scores]]
+    with backends.use("ext"):
+        ops.masked_adamw_step_(pr.params, pr.grads, pr.idx, pr.exp_avg, pr.exp_avg_sq, pr.offsets, pr.steps, 1e-3,
+                               max_exp_avg_sq=pr.max_exp_avg_sq, scores=scores)
+    after = [t._version for t in [*pr.params, pr.exp_avg, pr.exp_avg_sq, pr.max_exp_avg_sq, *scores]]
+    assert all(a > b for a, b in zip(after, before)), (before, after)
+    v = scores[0]._version
+    with backends.use("ext"):
+        ops.score_accumulate_(scores, pr.grads, "abs")
+    assert scores[0]._version > v
+
+
 def _schema_args(op):
     s = op.default._schema
     alias = lambda ai: None if ai is None else (ai.is_write, sorted(ai.before_set))
