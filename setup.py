@@ -1,13 +1,42 @@
-"""Build script. Metadata lives in pyproject.toml; this file maps the package layout.
+"""Build script. Metadata lives in pyproject.toml; this file maps the package layout and builds the
+compiled extension.
 
 ``kernels/`` (Triton) ships as the subpackage ``fastmask.kernels``, never as a top-level
 ``kernels`` module (a PyPI package already has that name).
+
+The extension ``fastmask._C`` (op library ``fastmask_ext``, loaded by ``fastmask/_ext.py`` with
+``torch.ops.load_library``) is built from ``csrc/``:
+
+* the C++ CPU kernels (OpenMP) whenever torch and a C++ compiler are present;
+* the CUDA kernels too when torch was built with CUDA and ``nvcc`` is found.
+
+Switches (environment variables):
+
+* ``FASTMASK_SKIP_EXT=1``: no extension at all (pure-Python install; the reference backend and
+  Triton serve every call).
+* ``FASTMASK_SKIP_CUDA=1``: C++ only, even where CUDA is available.
+* ``FASTMASK_CUDA_ARCHS``: compute capabilities, ``;``/``,``/space separated (default ``80;90``);
+  a trailing ``+PTX`` also embeds PTX for the highest one.
+* ``MAX_JOBS``: parallel compile jobs (torch's BuildExtension honours it with ninja).
+* ``DEBUG=1``: ``-O0 -g`` (and ``-G`` for device code).
+
+torch must be importable at build time: install with ``pip install --no-build-isolation``
+(scripts/setup.sh does), otherwise pip's isolated build environment pulls another torch and the
+extension would be built against it. The torch version, CUDA version, archs and compiler used are
+recorded in ``fastmask/_C_build.json`` beside the library; ``fastmask._ext`` refuses to load a
+library built for another torch.
 """
+import glob
+import json
 import os
+import shutil
+import subprocess
+import sys
 
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+BUILD_INFO = "_C_build.json"
 
 packages = find_packages(include=["fastmask", "fastmask.*"])
 package_dir = {}
@@ -15,4 +44,118 @@ if os.path.isdir(os.path.join(HERE, "kernels")):
     packages.append("fastmask.kernels")
     package_dir["fastmask.kernels"] = "kernels"
 
-setup(packages=packages, package_dir=package_dir)
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _cuda_archs() -> list[str]:
+    raw = os.environ.get("FASTMASK_CUDA_ARCHS", "80;90")
+    return [a for a in raw.replace(",", ";").replace(" ", ";").split(";") if a]
+
+
+def _gencode_flags(archs: list[str]) -> list[str]:
+    flags = []
+    for a in archs:
+        ptx = a.endswith("+PTX")
+        num = a.replace("+PTX", "").replace(".", "").replace("sm_", "")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+    return flags
+
+
+def _compiler_version(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip()
+        return out.splitlines()[0] if out else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _extensions():
+    """(ext_modules, cmdclass); empty when the extension is skipped or cannot be built."""
+    if _env_flag("FASTMASK_SKIP_EXT"):
+        print("fastmask: FASTMASK_SKIP_EXT=1, building without the C++/CUDA extension", file=sys.stderr)
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("fastmask: torch is not importable at build time, building without the extension "
+              "(install with --no-build-isolation)", file=sys.stderr)
+        return [], {}
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx.split()[0]) is None:
+        print(f"fastmask: no C++ compiler ({cxx}) found, building without the extension", file=sys.stderr)
+        return [], {}
+
+    debug = _env_flag("DEBUG")
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    # No -ffast-math: the kernels rely on IEEE order of operations (explicit fmas only) to match
+    # the reference bit for bit. -fno-math-errno lets sqrt vectorize; it changes no result.
+    cxx_flags = opt + ["-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fvisibility=hidden"]
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+
+    with_cuda = (
+        not _env_flag("FASTMASK_SKIP_CUDA")
+        and torch.version.cuda is not None
+        and cpp_extension.CUDA_HOME is not None
+        and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
+    )
+    archs = _cuda_archs() if with_cuda else []
+    extra = {"cxx": cxx_flags}
+    define_macros = []
+    if with_cuda:
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+        extra["nvcc"] = (["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]) + [
+            "-fmad=false", "--expt-relaxed-constexpr",
+        ] + _gencode_flags(archs)
+        define_macros.append(("FASTMASK_WITH_CUDA", "1"))
+        ext_cls = cpp_extension.CUDAExtension
+    else:
+        ext_cls = cpp_extension.CppExtension
+    ext = ext_cls(
+        name="fastmask._C",
+        sources=sources,
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_compile_args=extra,
+        extra_link_args=["-fopenmp"],
+        define_macros=define_macros,
+        py_limited_api=True,  # no Python.h, no libtorch_python: loaded with torch.ops.load_library
+    )
+
+    info = {
+        "torch": torch.__version__,
+        "torch_git": getattr(torch.version, "git_version", None),
+        "cuda": torch.version.cuda if with_cuda else None,
+        "cuda_archs": archs,
+        "cxx": _compiler_version([cxx.split()[0], "--version"]),
+        "nvcc": _compiler_version([os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"), "--version"])
+        if with_cuda else None,
+        "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI),
+        "debug": debug,
+        "python": sys.version.split()[0],
+    }
+
+    class BuildExt(cpp_extension.BuildExtension):
+        """torch's BuildExtension (ninja, MAX_JOBS), plus the build record beside the library."""
+
+        def run(self):
+            super().run()
+            text = json.dumps(info, indent=2) + "\n"
+            targets = {os.path.dirname(self.get_ext_fullpath("fastmask._C"))}
+            if self.inplace or getattr(self, "editable_mode", False):
+                targets.add(os.path.join(HERE, "fastmask"))
+            for d in targets:
+                os.makedirs(d, exist_ok=True)
+                with open(os.path.join(d, BUILD_INFO), "w") as f:
+                    f.write(text)
+
+    print(f"fastmask: building the extension (CUDA: {'archs ' + ','.join(archs) if with_cuda else 'no'})", file=sys.stderr)
+    return [ext], {"build_ext": BuildExt.with_options(no_python_abi_suffix=True)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(packages=packages, package_dir=package_dir, ext_modules=ext_modules, cmdclass=cmdclass,
+      package_data={"fastmask": [BUILD_INFO]})

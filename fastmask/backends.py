@@ -26,6 +26,7 @@ __all__ = ["register", "names", "load", "why_not", "available", "forced", "pick"
 #: Backend name -> module implementing it.
 _MODULES: dict[str, str] = {
     "reference": "fastmask.reference",
+    "ext": "fastmask._ext",
     "triton": "fastmask.kernels",
 }
 #: Preference order per device type (names not registered are skipped); other device types use

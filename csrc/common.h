@@ -1,0 +1,83 @@
+// Shared by the CPU and CUDA bindings: schemas, dtype mapping and layout checks.
+// fastmask/ops.py checked everything already; these re-checks are cheap (metadata only) and keep
+// a direct call of torch.ops.fastmask_ext.* from writing out of bounds.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+
+#include "adamw_math.h"
+
+// Identical argument lists to the public ops of fastmask/ops.py (tests/test_ext.py compares them).
+#define FASTMASK_STEP_SCHEMA                                                                          \
+  "masked_adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor idx, Tensor(b!) exp_avg, "         \
+  "Tensor(c!) exp_avg_sq, int[] offsets, Tensor steps, Tensor lr, float beta1, float beta2, "        \
+  "float eps, float weight_decay, bool maximize, Tensor(d!)? max_exp_avg_sq, Tensor? grad_scale, "   \
+  "Tensor? found_inf, Tensor(e!)[] scores, str score_mode) -> ()"
+#define FASTMASK_SCORE_SCHEMA "score_accumulate_(Tensor(a!)[] scores, Tensor[] grads, str score_mode) -> ()"
+
+namespace fastmask {
+
+inline ScoreMode parse_score_mode(c10::string_view mode) {
+  if (mode == "grad") return ScoreMode::kGrad;
+  if (mode == "abs") return ScoreMode::kAbs;
+  if (mode == "fisher") return ScoreMode::kFisher;
+  TORCH_CHECK(false, "score_mode: expected 'grad', 'abs' or 'fisher', got '", std::string(mode), "'");
+}
+
+inline ParamType param_type_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return ParamType::kFloat32;
+    case at::kBFloat16: return ParamType::kBFloat16;
+    case at::kHalf: return ParamType::kFloat16;
+    default: TORCH_CHECK(false, "params: dtype ", t, " is not supported (float32, bfloat16, float16)");
+  }
+}
+
+inline void check_state(const at::Tensor& t, const char* name, int64_t k, c10::DeviceType dev) {
+  TORCH_CHECK(t.device().type() == dev && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 1 &&
+                  t.numel() == k,
+              name, ": expected a contiguous float32 tensor of ", k, " entries on ", dev);
+}
+
+inline void check_step_layout(at::TensorList params, at::TensorList grads, const at::Tensor& idx,
+                              const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, at::IntArrayRef offsets,
+                              const at::Tensor& steps, const std::optional<at::Tensor>& max_exp_avg_sq,
+                              at::TensorList scores, c10::DeviceType dev) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  TORCH_CHECK(static_cast<int64_t>(grads.size()) == n, "grads: expected one gradient per param");
+  TORCH_CHECK(static_cast<int64_t>(offsets.size()) == n + 1, "offsets: expected ", n + 1, " entries");
+  TORCH_CHECK(scores.empty() || static_cast<int64_t>(scores.size()) == n, "scores: expected none or one per param");
+  TORCH_CHECK(idx.device().type() == dev && idx.scalar_type() == at::kInt && idx.is_contiguous() && idx.dim() == 1,
+              "idx: expected a contiguous int32 1-D tensor on ", dev);
+  const int64_t k = idx.numel();
+  TORCH_CHECK(offsets[0] == 0 && offsets[n] == k, "offsets: must start at 0 and end at idx.numel()");
+  check_state(exp_avg, "exp_avg", k, dev);
+  check_state(exp_avg_sq, "exp_avg_sq", k, dev);
+  if (max_exp_avg_sq.has_value()) check_state(*max_exp_avg_sq, "max_exp_avg_sq", k, dev);
+  TORCH_CHECK(steps.device().type() == dev && steps.numel() == n && steps.scalar_type() == at::kFloat,
+              "steps: expected ", n, " float32 step counts on ", dev);
+  for (int64_t t = 0; t < n; ++t) {
+    const at::Tensor& p = params[t];
+    const at::Tensor& g = grads[t];
+    TORCH_CHECK(p.device().type() == dev && p.is_contiguous() && p.scalar_type() == params[0].scalar_type() &&
+                    p.device() == params[0].device(),
+                "params[", t, "]: expected contiguous params of one dtype on one ", dev, " device");
+    TORCH_CHECK(g.device() == p.device() && g.is_contiguous() && g.scalar_type() == p.scalar_type() &&
+                    g.sizes() == p.sizes(),
+                "grads[", t, "]: expected a contiguous gradient like params[", t, "]");
+    TORCH_CHECK(p.numel() <= INT32_MAX, "params[", t, "]: more than 2^31 - 1 entries cannot be indexed with int32");
+    TORCH_CHECK(offsets[t] <= offsets[t + 1] && offsets[t + 1] - offsets[t] <= p.numel(),
+                "offsets: segment ", t, " is invalid");
+    if (!scores.empty()) {
+      const at::Tensor& s = scores[t];
+      TORCH_CHECK(s.device() == p.device() && s.is_contiguous() && s.scalar_type() == at::kFloat &&
+                      s.sizes() == p.sizes(),
+                  "scores[", t, "]: expected a contiguous float32 tensor shaped like params[", t, "]");
+    }
+  }
+}
+
+}  // namespace fastmask

@@ -1,0 +1,358 @@
+"""The compiled backend (fastmask._ext: csrc/) against the reference backend.
+
+Optimizer state (exp_avg, exp_avg_sq, max_exp_avg_sq) and scores must match the reference bit for
+bit: the kernels compute the same fp32 operations in the same order (explicit fmas where torch's
+CPU kernels use them). Parameters are compared with ``STEP_TOL``: torch's own CPU ``sqrt`` (used by
+the reference) is not correctly rounded on every build (torch 2.13 AVX-512: ~19% of fp32 results
+are 1 ulp off IEEE), while the kernels use IEEE sqrt, so a parameter can differ by an ulp.
+Unselected entries must be bit-exact (never written).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastmask
+from fastmask import _ext, backends, ops
+from tests.utils import DTYPES, STEP_TOL, assert_close, make_problem, random_indices, tol
+
+REASON = _ext.why_not("cpu")
+needs_ext = pytest.mark.skipif(REASON is not None, reason=f"compiled extension unavailable: {REASON}")
+needs_cuda_ext = pytest.mark.skipif(
+    not torch.cuda.is_available() or _ext.why_not("cuda") is not None,
+    reason="needs a GPU and the CUDA part of the extension",
+)
+MODES = ops.SCORE_MODES
+
+
+def _run(backend, pr, *, amsgrad=False, maximize=False, grad_scale=None, found_inf=None, scores=None,
+         mode="grad", lr=1e-2, wd=0.1, betas=(0.9, 0.999)):
+    q = copy.deepcopy(pr)
+    sc = [s.clone() for s in scores] if scores is not None else None
+    with backends.use(backend):
+        ops.masked_adamw_step_(
+            q.params, q.grads, q.idx, q.exp_avg, q.exp_avg_sq, q.offsets, q.steps, lr, betas[0], betas[1], 1e-8,
+            wd, maximize, max_exp_avg_sq=q.max_exp_avg_sq if amsgrad else None, grad_scale=grad_scale,
+            found_inf=found_inf, scores=sc, score_mode=mode)
+    return q, sc
+
+
+def _assert_rounding_close(a, b, p0, what):
+    """One step differs from the reference by rounding only: the update term may be off by an
+    fp32 ulp (torch's sqrt, see the module docstring) and the result by one rounding to its dtype.
+    (A bound in ulps of the parameter would be wrong where p * decay and the update cancel.)"""
+    eps_dtype = torch.finfo(a.dtype).eps
+    a, b, p0 = a.float(), b.float(), p0.float()
+    bound = eps_dtype * b.abs() + 2 * torch.finfo(torch.float32).eps * (p0.abs() + (b - p0).abs())
+    bad = (a - b).abs() > bound
+    assert not bool(bad.any()), f"{what}: {int(bad.sum())} entries beyond rounding of the reference"
+
+
+def _compare(pr, got, want, dtype, amsgrad, sc_got=None, sc_want=None):
+    for t, (a, b, p0) in enumerate(zip(got.params, want.params, pr.params)):
+        assert_close(a, b, **tol(dtype), what=f"params[{t}]")
+        _assert_rounding_close(a.view(-1), b.view(-1), p0.view(-1).to(a.dtype), f"params[{t}]")
+        # unselected entries: bit-exact, never written
+        sel = torch.zeros(p0.numel(), dtype=torch.bool)
+        sel[pr.idx[pr.offsets[t]:pr.offsets[t + 1]].long()] = True
+        assert torch.equal(a.view(-1)[~sel], p0.view(-1)[~sel]), f"params[{t}]: unselected entries changed"
+    assert torch.equal(got.exp_avg, want.exp_avg), "exp_avg differs from the reference"
+    assert torch.equal(got.exp_avg_sq, want.exp_avg_sq), "exp_avg_sq differs from the reference"
+    if amsgrad:
+        assert torch.equal(got.max_exp_avg_sq, want.max_exp_avg_sq), "max_exp_avg_sq differs"
+    for t, (a, b) in enumerate(zip(sc_got or [], sc_want or [])):
+        assert torch.equal(a, b), f"scores[{t}] differ from the reference"
+
+
+SHAPES = {
+    "mixed": [(7,), (100, 33), (0,), (1000,), (1,)],
+    "one": [(1,)],
+    "seven": [(7,)],
+    "big_odd": [(1000003,)],
+}
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("density", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("shapes", list(SHAPES), ids=str)
+def test_step_matches_reference(shapes, density, dtype):
+    pr = make_problem(SHAPES[shapes], dtype=dtype, density=density, seed=1)
+    got, _ = _run("ext", pr)
+    want, _ = _run("reference", pr)
+    _compare(pr, got, want, dtype, False)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adamw", "amsgrad"])
+@pytest.mark.parametrize("maximize", [False, True], ids=["min", "max"])
+@pytest.mark.parametrize("scaled", [False, True], ids=["noscale", "gradscale"])
+def test_step_options(dtype, amsgrad, maximize, scaled):
+    pr = make_problem(SHAPES["mixed"] + [(3072, 77)], dtype=dtype, density=0.3, seed=2)
+    gs = torch.tensor(1024.0) if scaled else None
+    kw = dict(amsgrad=amsgrad, maximize=maximize, grad_scale=gs, wd=0.05, lr=3e-3)
+    got, _ = _run("ext", pr, **kw)
+    want, _ = _run("reference", pr, **kw)
+    _compare(pr, got, want, dtype, amsgrad)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("density", [0.0, 0.1, 1.0])
+def test_fused_scores(dtype, mode, density):
+    pr = make_problem(SHAPES["mixed"] + [(70000,)], dtype=dtype, density=density, seed=3)
+    scores = [torch.randn(p.shape) for p in pr.params]  # poisoned: random start, must accumulate
+    kw = dict(scores=scores, mode=mode, grad_scale=torch.tensor(4.0), maximize=True, amsgrad=True)
+    got, sg = _run("ext", pr, **kw)
+    want, sw = _run("reference", pr, **kw)
+    _compare(pr, got, want, dtype, True, sg, sw)
+
+
+@needs_ext
+@pytest.mark.parametrize("with_scores", [False, True], ids=["step", "step+scores"])
+def test_found_inf_skips_everything(with_scores):
+    pr = make_problem(SHAPES["mixed"], density=0.5, seed=4)
+    pr.grads[1].view(-1)[3] = float("inf")
+    scores = [torch.randn(p.shape) for p in pr.params] if with_scores else None
+    got, sg = _run("ext", pr, found_inf=torch.tensor(1.0), grad_scale=torch.tensor(8.0), scores=scores, amsgrad=True)
+    for a, b in zip(got.params, pr.params):
+        assert torch.equal(a, b)
+    for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        assert torch.equal(getattr(got, name), getattr(pr, name)), name
+    for a, b in zip(sg or [], scores or []):
+        assert torch.equal(a, b)
+    # found_inf == 0: a normal step
+    got, _ = _run("ext", pr, found_inf=torch.tensor(0.0), amsgrad=True)
+    want, _ = _run("reference", pr, found_inf=torch.tensor(0.0), amsgrad=True)
+    assert torch.equal(got.exp_avg, want.exp_avg)
+
+
+@needs_ext
+@pytest.mark.parametrize("gdtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_score_accumulate(gdtype, mode):
+    g = torch.Generator().manual_seed(5)
+    shapes = [(7,), (0,), (1,), (300, 301), (1000003,)]
+    grads = [torch.randn(s, generator=g).to(gdtype) for s in shapes]
+    start = [torch.randn(s, generator=g) for s in shapes]
+    outs = []
+    for backend in ("ext", "reference"):
+        sc = [s.clone() for s in start]
+        with backends.use(backend):
+            ops.score_accumulate_(sc, grads, mode)
+            ops.score_accumulate_(sc, grads, mode)
+        outs.append(sc)
+    for t, (a, b) in enumerate(zip(*outs)):
+        assert torch.equal(a, b), f"scores[{t}]"
+
+
+@needs_ext
+def test_threads_give_identical_results():
+    pr = make_problem([(3072, 768), (513,), (2048, 100)], density=0.1, seed=6)
+    scores = [torch.randn(p.shape) for p in pr.params]
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(_run("ext", pr, scores=scores, mode="abs", amsgrad=True))
+            results.append(_run("ext", pr, amsgrad=True))
+    finally:
+        torch.set_num_threads(before)
+    (a1, s1), (b1, _), (a2, s2), (b2, _) = results
+    for x, y in ((a1, a2), (b1, b2)):
+        for p, q in zip(x.params, y.params):
+            assert torch.equal(p, q)
+        assert torch.equal(x.exp_avg, y.exp_avg) and torch.equal(x.exp_avg_sq, y.exp_avg_sq)
+        assert torch.equal(x.max_exp_avg_sq, y.max_exp_avg_sq)
+    for p, q in zip(s1, s2):
+        assert torch.equal(p, q)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("track", [None, "fisher"])
+def test_masked_adamw_200_steps(dtype, track):
+    torch.manual_seed(7)
+    shapes = [(64, 48), (33,), (128, 7)]
+    init = [torch.randn(s).to(dtype) for s in shapes]
+    masks_idx = [random_indices(x.numel(), max(1, x.numel() // 10)) for x in init]
+    grads = [[torch.randn(s).to(dtype) for s in shapes] for _ in range(200)]
+    runs = {}
+    for backend in ("ext", "reference"):
+        params = [torch.nn.Parameter(x.clone()) for x in init]
+        # the last param stays dense (ordinary AdamW maths)
+        masks = {p: i for p, i in zip(params[:2], masks_idx[:2])}
+        opt = fastmask.MaskedAdamW(params, lr=1e-2, weight_decay=0.1, masks=masks, track_scores=track)
+        with backends.use(backend):
+            for step in range(200):
+                for p, g in zip(params, grads[step]):
+                    p.grad = g.clone()
+                opt.step()
+        runs[backend] = (params, opt)
+    (pe, oe), (pr_, or_) = runs["ext"], runs["reference"]
+    for t, (a, b) in enumerate(zip(pe[:2], pr_[:2])):
+        assert_close(a.detach(), b.detach(), **tol(dtype), what=f"param {t} after 200 steps")
+        sel = torch.zeros(a.numel(), dtype=torch.bool)
+        sel[masks_idx[t].long()] = True
+        assert torch.equal(a.detach().view(-1)[~sel], init[t].view(-1)[~sel]), "unselected entries changed"
+    if dtype == torch.float32:
+        # moments only depend on the gradients here, so they agree exactly
+        for a, b in zip(pe[:2], pr_[:2]):
+            assert torch.equal(oe.state[a]["exp_avg"], or_.state[b]["exp_avg"])
+            assert torch.equal(oe.state[a]["exp_avg_sq"], or_.state[b]["exp_avg_sq"])
+    if track:
+        for a, b in zip(pe[:2], pr_[:2]):
+            assert torch.equal(oe.state[a]["scores"], or_.state[b]["scores"])
+
+
+@needs_ext
+def test_version_counters_bumped():
+    """Like the reference's in-place ops, the kernels' writes bump the version counters."""
+    pr = make_problem([(10,), (20,)], density=0.5)
+    scores = [torch.zeros(p.shape) for p in pr.params]
+    before = [t._version for t in [*pr.params, pr.exp_avg, pr.exp_avg_sq, pr.max_exp_avg_sq, *scores]]
+    with backends.use("ext"):
+        ops.masked_adamw_step_(pr.params, pr.grads, pr.idx, pr.exp_avg, pr.exp_avg_sq, pr.offsets, pr.steps, 1e-3,
+                               max_exp_avg_sq=pr.max_exp_avg_sq, scores=scores)
+    after = [t._version for t in [*pr.params, pr.exp_avg, pr.exp_avg_sq, pr.max_exp_avg_sq, *scores]]
+    assert all(a > b for a, b in zip(after, before)), (before, after)
+    v = scores[0]._version
+    with backends.use("ext"):
+        ops.score_accumulate_(scores, pr.grads, "abs")
+    assert scores[0]._version > v
+
+
+def _schema_args(op):
+    s = op.default._schema
+    alias = lambda ai: None if ai is None else (ai.is_write, sorted(ai.before_set))
+    args = [(a.name, str(a.type), alias(a.alias_info), a.kwarg_only) for a in s.arguments]
+    return args, [str(r.type) for r in s.returns], str(s).split("::", 1)[1]
+
+
+@needs_ext
+@pytest.mark.parametrize("name", ["masked_adamw_step_", "score_accumulate_"])
+def test_schema_matches_public_op(name):
+    assert _schema_args(getattr(torch.ops.fastmask_ext, name)) == _schema_args(getattr(torch.ops.fastmask, name))
+
+
+def test_why_not_cuda_gives_reason():
+    if not torch.cuda.is_available() or _ext.why_not("cpu") is not None:
+        assert _ext.why_not("cuda") is not None
+    assert _ext.why_not("mps") is not None
+
+
+@needs_ext
+def test_version_mismatch_falls_back_with_warning(tmp_path):
+    pkg = Path(fastmask.__file__).resolve().parent
+    dst = tmp_path / "fastmask"
+    shutil.copytree(pkg, dst, ignore=shutil.ignore_patterns("__pycache__"))
+    record = dst / "_C_build.json"
+    info = json.loads(record.read_text())
+    info["torch"] = "1.0.0+elsewhere"
+    record.write_text(json.dumps(info))
+    code = textwrap.dedent("""
+        import warnings, torch
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            import fastmask
+            from fastmask import backends
+            chosen = backends.pick("cpu")
+        assert chosen == "reference", chosen
+        assert any("built for torch 1.0.0+elsewhere" in str(x.message) for x in w), [str(x.message) for x in w]
+        assert "1.0.0+elsewhere" in backends.why_not("ext", "cpu")
+        assert not hasattr(torch.ops.fastmask_ext, "masked_adamw_step_") or True
+        p = [torch.randn(10)]; g = [torch.randn(10)]
+        idx = torch.tensor([1, 4], dtype=torch.int32)
+        fastmask.ops.masked_adamw_step_(p, g, idx, torch.zeros(2), torch.zeros(2), [0, 2], torch.ones(1), 1e-3)
+        print("ok")
+    """)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "FASTMASK_EXT_JIT": "0"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+@needs_cuda_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_matches_reference(dtype, mode):
+    pr = make_problem(SHAPES["mixed"] + [(3072, 77)], dtype=dtype, density=0.1, device="cuda", seed=8)
+    scores = [torch.randn(p.shape, device="cuda") for p in pr.params]
+    kw = dict(scores=scores, mode=mode, grad_scale=torch.tensor(2.0, device="cuda"), amsgrad=True, maximize=True)
+    got, sg = _run("ext", pr, **kw)
+    want, sw = _run("reference", pr, **kw)
+    for t, (a, b) in enumerate(zip(got.params, want.params)):
+        assert_close(a, b, **tol(dtype), what=f"params[{t}]")
+    for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        assert_close(getattr(got, name), getattr(want, name), **tol(torch.float32), what=name)
+    for a, b in zip(sg, sw):
+        assert_close(a, b, **tol(torch.float32), what="scores")
+
+
+@pytest.mark.skipif(os.environ.get("FASTMASK_TEST_JIT", "0") in ("", "0"),
+                    reason="JIT build takes a minute or more; set FASTMASK_TEST_JIT=1")
+def test_jit_build(tmp_path):
+    """FASTMASK_EXT_JIT=1 builds the sources with ninja into FASTMASK_CACHE_DIR and loads them."""
+    code = textwrap.dedent("""
+        import fastmask._ext as ext
+        assert ext.why_not("cpu") is None, ext.why_not("cpu")
+        info = ext.info()
+        assert info["source"] == "jit", info
+        print("ok", info["path"])
+    """)
+    env = {**os.environ, "FASTMASK_EXT_JIT": "1", "FASTMASK_CACHE_DIR": str(tmp_path),
+           "PYTHONPATH": str(Path(fastmask.__file__).resolve().parent.parent)}
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")  # ninja from the venv
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-4000:]
+    assert str(tmp_path) in out.stdout
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", ["default", "avx2"])
+def test_other_cpu_isa_variants(isa):
+    """The kernels exist in several instruction-set variants; the ones this CPU does not pick by
+    default must give the same results too (run in a subprocess: the choice is made once)."""
+    code = textwrap.dedent("""
+        import copy, torch
+        from fastmask import backends, ops
+        from tests.utils import make_problem
+        print("isa", torch.ops.fastmask_ext.cpu_isa() if hasattr(torch.ops, "fastmask_ext") else None)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            pr = make_problem([(7,), (300, 33), (5000,)], dtype=dtype, density=0.3, seed=9)
+            start = [torch.randn(p.shape) for p in pr.params]
+            out = []
+            for backend in ("ext", "reference"):
+                q = copy.deepcopy(pr); sc = [s.clone() for s in start]
+                with backends.use(backend):
+                    ops.masked_adamw_step_(q.params, q.grads, q.idx, q.exp_avg, q.exp_avg_sq, q.offsets, q.steps,
+                                           1e-2, 0.9, 0.999, 1e-8, 0.1, True, max_exp_avg_sq=q.max_exp_avg_sq,
+                                           grad_scale=torch.tensor(2.0), scores=sc, score_mode="fisher")
+                out.append((q, sc))
+            (a, sa), (b, sb) = out
+            assert torch.equal(a.exp_avg, b.exp_avg) and torch.equal(a.exp_avg_sq, b.exp_avg_sq)
+            assert torch.equal(a.max_exp_avg_sq, b.max_exp_avg_sq)
+            assert all(torch.equal(x, y) for x, y in zip(sa, sb))
+            from tests.utils import tol
+            for x, y in zip(a.params, b.params):
+                torch.testing.assert_close(x, y, **tol(dtype))
+        print("ok")
+    """)
+    env = {**os.environ, "FASTMASK_CPU_ISA": isa,
+           "PYTHONPATH": str(Path(fastmask.__file__).resolve().parent.parent)}
+    out = subprocess.run([sys.executable, "-c", "import fastmask._ext\n" + code], capture_output=True, text=True,
+                         env=env, cwd=Path(fastmask.__file__).resolve().parent.parent)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-4000:]
+    if sys.platform.startswith("linux") and os.uname().machine == "x86_64":
+        assert f"isa {isa}" in out.stdout, out.stdout
