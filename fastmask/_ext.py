@@ -200,23 +200,10 @@ def masked_adamw_step_(params, grads, idx, exp_avg, exp_avg_sq, offsets, steps, 
     torch.ops.fastmask_ext.masked_adamw_step_(
         params, grads, idx, exp_avg, exp_avg_sq, offsets, steps, lr, beta1, beta2, eps, weight_decay, maximize,
         max_exp_avg_sq, grad_scale, found_inf, scores, score_mode)
-    # The kernels write through raw pointers: bump the version counters of what they mutate, as
-    # torch's in-place ops (and the reference backend) do, so autograd still detects a parameter
-    # modified after being saved for backward.
-    mutated = [*params, exp_avg, exp_avg_sq, *scores]
-    if max_exp_avg_sq is not None:
-        mutated.append(max_exp_avg_sq)
-    _increment_version(mutated)
 
 
 def score_accumulate_(scores, grads, score_mode) -> None:
     torch.ops.fastmask_ext.score_accumulate_(scores, grads, score_mode)
-    _increment_version(scores)
-
-
-def _increment_version(tensors) -> None:
-    if tensors:
-        torch.autograd.graph.increment_version(tensors)
 
 
 # Load (or build) at import, so `backends` learns the reason at once; never raises.

@@ -199,6 +199,10 @@ def _masked_adamw_step_impl(
         return
     _index_checks.check(idx, offsets, [p.numel() for p in params])
     backends.resolve(params[0].device.type).masked_adamw_step_(*args)
+    mutated = [*params, exp_avg, exp_avg_sq, *scores]
+    if max_exp_avg_sq is not None:
+        mutated.append(max_exp_avg_sq)
+    _bump_versions(mutated)
 
 
 def _score_accumulate_impl(scores, grads, score_mode) -> None:
@@ -206,6 +210,14 @@ def _score_accumulate_impl(scores, grads, score_mode) -> None:
     if not scores:
         return
     backends.resolve(scores[0].device.type).score_accumulate_(scores, grads, score_mode)
+    _bump_versions(scores)
+
+
+def _bump_versions(tensors: list[torch.Tensor]) -> None:
+    # Compiled backends write through raw pointers; bump the version counters of what the op
+    # mutates, as torch's in-place ops do, so autograd still detects a tensor saved for backward
+    # and modified afterwards (and the index check cache sees writes).
+    torch.autograd.graph.increment_version(tensors)
 
 
 _lib.impl("masked_adamw_step_", _masked_adamw_step_impl, "CompositeExplicitAutograd")

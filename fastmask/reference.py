@@ -26,8 +26,8 @@ def _accumulate(score: torch.Tensor, grad: torch.Tensor, mode: str, grad_scale, 
         score.add_(g)
     elif mode == "abs":
         score.add_(g.abs())
-    else:  # "fisher"
-        score.addcmul_(g, g)
+    else:  # "fisher": s + g*g, rounded twice (no fused multiply-add), as the kernels do
+        score.add_(g * g)
 
 
 def score_accumulate_(scores: list[torch.Tensor], grads: list[torch.Tensor], mode: str) -> None:
