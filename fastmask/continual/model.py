@@ -175,7 +175,7 @@ def pretrain_tiny_clip(bench, tokenizer: WordTokenizer, *, seed: int, epochs: in
             loss.backward()
             opt.step()
             sched.step()
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}")
     seconds = time.perf_counter() - t0
     os.makedirs(cache_dir, exist_ok=True)
     from safetensors.torch import save_file
