@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from .continual.job import EMBEDDED_DEFAULTS, REAL_DEFAULTS
+from .continual.methods import DEFAULT_METHODS
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -46,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
             "[7, 8, 9]. With --model/--pretrained/--data/--control it runs on real data."),
         epilog="example: fastmask continual --seeds 0,1,2 --lrs 1e-3,1e-4,3e-5 --out outputs/continual")
     g = c.add_argument_group("run")
-    g.add_argument("--methods", type=_names, default=("spu", "spu-original", "full", "frozen"),
-                   help="comma-separated, from spu, spu-original, full, frozen (default: all four)")
+    g.add_argument("--methods", type=_names, default=DEFAULT_METHODS,
+                   help="comma-separated, from spu, spu-original, full, frozen, spu-noproj "
+                        "(spu with visual.proj frozen); default: spu,spu-original,full,frozen")
     g.add_argument("--seeds", type=_ints, default=(0,), help="comma-separated seeds, e.g. 0,1,2 (default: 0)")
     g.add_argument("--lr", type=float, default=None, help="learning rate of every method (" + _defaults("lr") + ")")
     g.add_argument("--lrs", type=_floats, default=None,

@@ -116,6 +116,12 @@ def test_spu_changes_only_selected_entries_and_dense_extras(tmp_path):
     assert (after[name].detach() != before[name])[unselected].any()
     assert torch.equal(after["positional_embedding"].detach(), before["positional_embedding"])
 
+    # spu-noproj: visual.proj stays as it was; the c_fc biases train.
+    before, after, _ = trained("spu-noproj")
+    assert torch.equal(after["visual.proj"].detach(), before["visual.proj"])
+    assert not torch.equal(after["visual.transformer.resblocks.0.mlp.c_fc.bias"].detach(),
+                           before["visual.transformer.resblocks.0.mlp.c_fc.bias"])
+
 
 # ---------------------------------------------------------------------------------------------
 # Data

@@ -13,9 +13,9 @@ Memory. On CUDA: ``torch.cuda.max_memory_allocated`` during the task's training,
 allocated before it. On the CPU there is no allocator statistic; the job reports the *peak
 resident set size increase* during training, sampled from ``/proc/self/statm`` after every
 backward pass (when gradients and optimizer state are alive), relative to the RSS before the
-task. It is coarse (glibc keeps freed memory; the first method to run pays for warm-up) and small
-for the embedded model; ``opt_state_bytes`` (exact bytes of the optimizer's state tensors) is the
-deterministic measure.
+task. It is coarse (glibc keeps freed memory; the first method to run pays for warm-up) and near
+zero for the embedded model; the deterministic measures are ``opt_state_bytes`` (the optimizer's
+state tensors) and ``grad_bytes`` (the gradients alive after ``backward``).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ class JobConfig:
     """Everything that determines a run. ``None`` fields take the embedded or real-data default."""
 
     out: str = "outputs/continual"
-    methods: tuple[str, ...] = ("spu", "spu-original", "full", "frozen")
+    methods: tuple[str, ...] = Mth.DEFAULT_METHODS
     seeds: tuple[int, ...] = (0,)
     lrs: tuple[float, ...] | None = None  # None: (lr,)
     lr: float | None = None
@@ -267,6 +267,8 @@ def train_sequence(method: str, lr: float, seed: int, ctx: Context, cfg: JobConf
                     setup.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     mem.sample()
+                    if steps == 0:
+                        g_bytes = Mth.grad_bytes(model)
                     setup.before_step()
                     setup.optimizer.step()
                     if device.type == "cuda":
@@ -279,7 +281,7 @@ def train_sequence(method: str, lr: float, seed: int, ctx: Context, cfg: JobConf
             opt_bytes = Mth.state_bytes(setup.optimizer)
             del setup.optimizer
         else:
-            opt_bytes = 0
+            opt_bytes = g_bytes = 0
         replay.add_task(train_ds)
 
         ev = evaluate(model, ctx, cfg, t, eval_loaders, autocast)
@@ -291,7 +293,7 @@ def train_sequence(method: str, lr: float, seed: int, ctx: Context, cfg: JobConf
             forgetting=(sum(previous) / len(previous)) if previous else None,
             steps=steps, step_ms=1000 * step_s / steps if steps else None, score_s=score_s,
             score_batches=n_score if setup.masks is not None else 0,
-            opt_state_bytes=opt_bytes, peak_mem_delta_mb=mem.delta_mb() if steps else None,
+            opt_state_bytes=opt_bytes, grad_bytes=g_bytes, peak_mem_delta_mb=mem.delta_mb() if steps else None,
             selected=setup.masks.k if setup.masks is not None else None,
         )
         record["tasks"].append(row)
@@ -318,6 +320,7 @@ def summarize(record: dict) -> dict:
         forgetting=last["forgetting"],
         step_ms=(sum(r["step_ms"] * r["steps"] for r in rows if r["steps"]) / steps) if steps else None,
         opt_state_bytes=max(r["opt_state_bytes"] for r in rows),
+        grad_bytes=max(r["grad_bytes"] for r in rows),
         peak_mem_delta_mb=max((r["peak_mem_delta_mb"] for r in rows if r["peak_mem_delta_mb"] is not None), default=None),
     )
 

@@ -10,7 +10,7 @@ import os
 import statistics
 
 SUMMARY_KEYS = ("new_acc", "new_seen_acc", "final_tasks_acc", "final_seen_acc", "control", "control_drop",
-                "forgetting", "step_ms", "opt_state_bytes", "peak_mem_delta_mb")
+                "forgetting", "step_ms", "opt_state_bytes", "grad_bytes", "peak_mem_delta_mb")
 
 
 def _stats(values: list) -> dict | None:
@@ -43,23 +43,23 @@ def _pm(s: dict | None, scale: float = 100.0, fmt: str = "{:.1f}") -> str:
     if s is None:
         return "-"
     if s["n"] > 1:
-        return (fmt + " ± " + fmt).format(s["mean"] * scale, s["std"] * scale)
-    return fmt.format(s["mean"] * scale)
+        return fmt.format(s["mean"] * scale + 0.0) + " ± " + "{:.1f}".format(s["std"] * abs(scale))
+    return fmt.format(s["mean"] * scale + 0.0)  # + 0.0: no "-0.0"
 
 
 def table(results: dict) -> str:
     """The final table: one row per method (and learning rate), numbers after the last task."""
     head = ["method", "lr", "new", "new|seen", "all tasks", "control", "Δcontrol", "forgetting", "ms/step",
-            "opt state", "peak mem"]
+            "grads+opt", "RSS Δ"]
     rows = []
     for s in results["summary"]:
         ob = s["opt_state_bytes"]
         rows.append([
             s["method"], "-" if s["lr"] is None else f"{s['lr']:g}", _pm(s["new_acc"]), _pm(s["new_seen_acc"]),
-            _pm(s["final_tasks_acc"]), _pm(s["control"]), _pm(s["control_drop"] and dict(s["control_drop"], mean=-s["control_drop"]["mean"]), fmt="{:+.1f}"),
+            _pm(s["final_tasks_acc"]), _pm(s["control"]), _pm(s["control_drop"], -100.0, fmt="{:+.1f}"),
             _pm(s["forgetting"]), _pm(s["step_ms"], 1.0),
-            "-" if ob is None else f"{ob['mean'] / 2**10:.0f} KiB", _pm(s["peak_mem_delta_mb"], 1.0) + " MiB"
-            if s["peak_mem_delta_mb"] else "-",
+            "-" if ob is None else f"{(ob['mean'] + s['grad_bytes']['mean']) / 2**10:.0f} KiB",
+            _pm(s["peak_mem_delta_mb"], 1.0) + " MiB" if s["peak_mem_delta_mb"] else "-",
         ])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda r: "  ".join(str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(r, widths)))
@@ -70,8 +70,8 @@ def table(results: dict) -> str:
         "new|seen: the same among all classes seen so far;\n"
         "all tasks: mean accuracy over all tasks at the end (own prompts); control: held-out control set "
         f"({len(results['control_classes'])} classes of the base model); Δcontrol: change from the base model;\n"
-        "forgetting: mean drop of earlier tasks from their best accuracy; ms/step: forward+backward+step; "
-        "opt state: optimizer state tensors; peak mem: " + results["memory_measure"] + "."
+        "forgetting: mean drop of earlier tasks from their best accuracy; ms/step: forward+backward+step;\n"
+        "grads+opt: bytes of the gradients after backward plus the optimizer state; RSS Δ: " + results["memory_measure"] + "."
     )
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows), "", notes])
 
