@@ -20,6 +20,7 @@ state tensors) and ``grad_bytes`` (the gradients alive after ``backward``).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import random
@@ -142,8 +143,8 @@ class Context:
     """What every method run shares: the benchmark, the base model's weights, the tokenizer."""
 
     bench: D.Benchmark
-    base_state: dict
-    build: callable  # () -> a fresh model with base_state loaded
+    base_model: torch.nn.Module  # frozen, never trained: the template of every run
+    build: callable  # () -> a fresh copy of the base model
     tokenizer: callable
     info: dict = field(default_factory=dict)
 
@@ -159,24 +160,23 @@ def prepare(cfg: JobConfig, log=print) -> Context:
             cache_dir=cfg.cache_dir, device=device, progress=cfg.progress, log=log)
         info = dict(model="small open_clip CLIP " + str(Mdl.TINY_CLIP), tokenizer="word-level over the prompts",
                     pretrain=pre)
-
-        def build():
-            m = Mdl.build_tiny_clip(tok.vocab_size, tok.context_length).to(device)
-            m.load_state_dict(base_state)
-            return m
     else:
         model, train_tf, eval_tf, tok = Mdl.load_open_clip(cfg.model, cfg.pretrained, device)
         bench = D.folder_benchmark(cfg.data, cfg.control, cfg.tasks, train_tf, eval_tf)
         info = dict(model=cfg.model, pretrained=cfg.pretrained, tokenizer=f"open_clip.get_tokenizer({cfg.model!r})")
+    template = model.eval()
+    for p in template.parameters():
+        p.requires_grad_(False)
 
-        def build():
-            m, _, _ = __import__("open_clip").create_model_and_transforms(cfg.model, pretrained=None, device=device)
-            m.load_state_dict(base_state)
-            return m
-    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    del model
+    def build():
+        """A fresh copy of the base model, every parameter trainable (methods freeze what they do not train)."""
+        m = copy.deepcopy(template)
+        for p in m.parameters():
+            p.requires_grad_(True)
+        return m.train()
+
     info["benchmark"] = bench.describe()
-    return Context(bench, base_state, build, tok, info)
+    return Context(bench, template, build, tok, info)
 
 
 def _loader(ds, cfg: JobConfig, shuffle: bool, seed: int = 0, batch_size: int | None = None):
