@@ -211,3 +211,33 @@ def test_image_folder(tmp_path):
     assert img.shape == (3, 8, 8) and 0 <= label < 5
     loader = torch.utils.data.DataLoader(D.subset(b.test, b.tasks[1]), batch_size=4)
     assert {int(y) for _, ys in loader for y in ys} == set(b.tasks[1])
+
+
+def test_real_use_path_with_an_open_clip_model_name(tmp_path, capsys):
+    """--model/--pretrained/--data/--control: a registered tiny open_clip config, BPE tokenizer."""
+    import open_clip
+    from PIL import Image
+
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "fastmask-test-tiny.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "cfg")
+    model = open_clip.create_model("fastmask-test-tiny")
+    torch.save(model.state_dict(), tmp_path / "ckpt.pt")
+    for root, classes in (("data", ["red_car", "blue_sky", "green_tree", "cat"]), ("control", ["dog", "house"])):
+        for ci, c in enumerate(classes):
+            os.makedirs(tmp_path / root / c)
+            for i in range(5):
+                Image.new("RGB", (20, 16), (60 * ci, 10 * i, 90)).save(tmp_path / root / c / f"{i}.png")
+    out = tmp_path / "out"
+    assert cli.main(["continual", "--model", "fastmask-test-tiny", "--pretrained", str(tmp_path / "ckpt.pt"),
+                     "--data", str(tmp_path / "data"), "--control", str(tmp_path / "control"), "--tasks", "2",
+                     "--batch-size", "4", "--epochs", "1", "--methods", "spu,full", "--quiet", "--no-plots",
+                     "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["lr"] == 7.5e-6 and res["config"]["weight_decay"] == 0.2  # the original work's values
+    assert res["tasks"] == [["blue sky", "cat"], ["green tree", "red car"]]  # sorted folders, split in order
+    assert res["control_classes"] == ["dog", "house"]
+    assert all(0 <= t["control"] <= 1 for r in res["runs"] for t in r["tasks"])
+    assert "open_clip.get_tokenizer" in res["info"]["tokenizer"]
