@@ -67,7 +67,7 @@ def table(results: dict) -> str:
     notes = (
         f"After the last of {len(results['tasks'])} tasks {results['tasks']}; seeds {seeds} (mean ± std); accuracies in %.\n"
         "new: each task's accuracy right after learning it, its own class prompts, averaged over tasks; "
-        "new|seen: the same among all classes seen so far;\n"
+        "new|seen: the same among all classes seen so far (base classes included, if any);\n"
         "all tasks: mean accuracy over all tasks at the end (own prompts); control: held-out control set "
         f"({len(results['control_classes'])} classes of the base model); Δcontrol: change from the base model;\n"
         "forgetting: mean drop of earlier tasks from their best accuracy; ms/step: forward+backward+step;\n"
