@@ -54,7 +54,7 @@ def test_job_end_to_end(tmp_path, capsys):
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "method" in printed and "control" in printed and "spu-original" in printed
-    for name in ("results.json", "table.txt", "accuracy.png", "tradeoff.png"):
+    for name in ("results.json", "table.txt", "accuracy.png", "accuracy_lr0.0001.png", "tradeoff.png"):
         assert (out / name).stat().st_size > 0, name
     assert len(os.listdir(out / "masks")) == 2 * 2 * 2 * 2  # seeds x lrs x (spu, spu-original) x tasks
     res = json.loads((out / "results.json").read_text())

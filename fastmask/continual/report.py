@@ -87,33 +87,18 @@ def _finite(obj) -> None:
     return obj
 
 
-def plot(results: dict, out: str) -> list[str]:
-    """``accuracy.png`` (new-task and control accuracy after each task, one line per method, at the
-    first learning rate) and, with several learning rates, ``tradeoff.png`` (control vs new-task
-    accuracy, one curve per method, one point per learning rate)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    summary = results["summary"]
-    lrs = [lr for lr in dict.fromkeys(s["lr"] for s in summary) if lr is not None]
-    first = lrs[0] if lrs else None
+def _plot_curves(results: dict, lr, path: str, plt) -> None:
+    """New-task and control accuracy after each task, one line per method, at learning rate ``lr``."""
     n_tasks = len(results["tasks"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for s in summary:
-        if s["lr"] not in (first, None):
+    for s in results["summary"]:
+        if s["lr"] not in (lr, None):
             continue
         label = s["method"] + ("" if s["lr"] is None else f" (lr {s['lr']:g})")
-        xs = list(range(1, n_tasks + 1))
-        m = [c["mean"] * 100 for c in s["curve_new"]]
-        e = [c["std"] * 100 for c in s["curve_new"]]
-        axes[0].errorbar(xs, m, yerr=e, marker="o", capsize=3, label=label)
-        xs = list(range(0, n_tasks + 1))
-        m = [c["mean"] * 100 for c in s["curve_control"]]
-        e = [c["std"] * 100 for c in s["curve_control"]]
-        axes[1].errorbar(xs, m, yerr=e, marker="o", capsize=3, label=label)
+        for ax, key, first in ((axes[0], "curve_new", 1), (axes[1], "curve_control", 0)):
+            xs = list(range(first, n_tasks + 1))
+            ax.errorbar(xs, [c["mean"] * 100 for c in s[key]], yerr=[c["std"] * 100 for c in s[key]],
+                        marker="o", capsize=3, label=label)
     axes[0].set(title="new task (own prompts), right after learning it", xlabel="task", ylabel="accuracy (%)",
                 xticks=list(range(1, n_tasks + 1)))
     axes[1].set(title="control set (generic knowledge)", xlabel="after task (0: base model)", ylabel="accuracy (%)",
@@ -122,10 +107,26 @@ def plot(results: dict, out: str) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    paths.append(os.path.join(out, "accuracy.png"))
-    fig.savefig(paths[-1], dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
+
+def plot(results: dict, out: str) -> list[str]:
+    """``accuracy.png``: new-task and control accuracy after each task, one line per method, at the
+    first learning rate (``accuracy_lr<lr>.png`` for each other rate); with several learning rates,
+    ``tradeoff.png``: control vs new-task accuracy, one curve per method, one point per rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    summary = results["summary"]
+    lrs = [lr for lr in dict.fromkeys(s["lr"] for s in summary) if lr is not None]
+    for i, lr in enumerate(lrs or [None]):
+        name = "accuracy.png" if i == 0 else f"accuracy_lr{lr:g}.png"
+        paths.append(os.path.join(out, name))
+        _plot_curves(results, lr, paths[-1], plt)
     if len(lrs) > 1:
         fig, ax = plt.subplots(figsize=(6.5, 5))
         for method in dict.fromkeys(s["method"] for s in summary):
