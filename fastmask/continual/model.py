@@ -17,6 +17,7 @@ import copy
 import hashlib
 import json
 import os
+import random
 import time
 from collections.abc import Sequence
 
@@ -156,6 +157,7 @@ def pretrain_tiny_clip(bench, tokenizer: WordTokenizer, *, seed: int, epochs: in
         return model, dict(cached=True, seconds=0.0, key=key, path=path)
 
     t0 = time.perf_counter()
+    random.seed(seed)  # the augmentation draws from Python's random
     names = [bench.class_names[c] for c in bench.base]
     from .data import prompts
 
