@@ -142,7 +142,7 @@ def pretrain_tiny_clip(bench, tokenizer: WordTokenizer, *, seed: int, epochs: in
     """
     from tqdm.auto import tqdm
 
-    key_src = json.dumps(dict(v=1, model=TINY_CLIP, vocab=tokenizer.vocab, ctx=tokenizer.context_length,
+    key_src = json.dumps(dict(v=2, model=TINY_CLIP, vocab=tokenizer.vocab, ctx=tokenizer.context_length,
                               bench=bench.name, n=len(bench.pretrain), base=bench.base, seed=seed, epochs=epochs,
                               lr=lr, batch=batch_size, wd=weight_decay), sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
