@@ -3,7 +3,7 @@
 # `fastmask continual` (a small CLIP pretrained on digits 0-4, cached, then taught [5,6] and
 # [7,8,9] with spu, spu-original, full and frozen; 3 seeds). Extra arguments go to the command
 # (later ones win), e.g.
-#   bash scripts/demo.sh --lrs 1e-2,3e-3,1e-3,1e-4,3e-5 --methods spu,spu-original,full,frozen,spu-noproj
+#   bash scripts/demo.sh --lrs 1e-2,3e-3,1e-3,1e-4,3e-5,1e-5,3e-6 --methods spu,spu-original,full,frozen,spu-noproj
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
