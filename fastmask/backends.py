@@ -172,7 +172,13 @@ def report(device_types: tuple[str, ...] = ("cpu", "cuda")) -> str:
             chosen = pick(device_type)
         except (RuntimeError, ValueError) as exc:
             chosen = f"none ({exc})"
-        lines.append(f"{device_type}: dispatches to {chosen}")
+        absent = ""
+        if device_type == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                absent = " (if it had a CUDA device: this machine has none)"
+        lines.append(f"{device_type}: dispatches to {chosen}{absent}")
         for n in _MODULES:
             reason = why_not(n, device_type)
             lines.append(f"  {n:<10} {'ok' if reason is None else 'unavailable: ' + reason}")

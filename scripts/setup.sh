@@ -19,5 +19,5 @@ torch_pin=$(grep -E '^torch==' "$CONSTRAINTS")
 # Pin torch explicitly in every install step; the constraints file pins what depends on it.
 pip install -q --disable-pip-version-check -c "$CONSTRAINTS" "$torch_pin"
 pip install -q --disable-pip-version-check -c "$CONSTRAINTS" "$torch_pin" \
-    --no-build-isolation -e ".[test,clip,triton,build]"
+    --no-build-isolation -e ".[test,clip,triton,build,job,bench]"
 "$VENV/bin/python" -c "import torch, fastmask; print(f'fastmask {fastmask.__version__} with torch {torch.__version__} in $VENV')"

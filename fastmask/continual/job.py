@@ -1,0 +1,370 @@
+"""The continual fine-tuning loop: for each seed, learning rate and method, teach the tasks in turn.
+
+Per task (an ordinary open_clip training loop, see :func:`train_sequence`):
+
+1. the method sets up the task (:func:`.methods.setup_task`): for SPU, score the c_fc weights on
+   a quarter of an epoch of the task's batches, select 10% per tensor, build MaskedAdamW;
+2. train for ``epochs`` epochs with the contrastive loss between images and their class prompts
+   (plus a few replayed samples of earlier tasks per batch, with ``replay > 0``);
+3. evaluate by zero-shot classification: the new task (with its own prompts, and among all classes
+   seen so far), every earlier task, and the control set (generic knowledge).
+
+Memory. On CUDA: ``torch.cuda.max_memory_allocated`` during the task's training, minus what was
+allocated before it. On the CPU there is no allocator statistic; the job reports the *peak
+resident set size increase* during training, sampled from ``/proc/self/statm`` after every
+backward pass (when gradients and optimizer state are alive), relative to the RSS before the
+task. It is coarse (glibc keeps freed memory; the first method to run pays for warm-up) and near
+zero for the embedded model; the deterministic measures are ``opt_state_bytes`` (the optimizer's
+state tensors) and ``grad_bytes`` (the gradients alive after ``backward``).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from . import data as D
+from . import methods as Mth
+from . import model as Mdl
+
+
+@dataclass
+class JobConfig:
+    """Everything that determines a run. ``None`` fields take the embedded or real-data default."""
+
+    out: str = "outputs/continual"
+    methods: tuple[str, ...] = Mth.DEFAULT_METHODS
+    seeds: tuple[int, ...] = (0,)
+    lrs: tuple[float, ...] | None = None  # None: (lr,)
+    lr: float | None = None
+    weight_decay: float | None = None
+    batch_size: int | None = None
+    epochs: int | None = None
+    density: float = 0.1
+    score_fraction: float = 0.25  # of an epoch, for scoring (the original work: a quarter)
+    score_batches: int | None = None  # overrides score_fraction
+    replay: int = 0  # samples per earlier task kept in the buffer (0: no replay)
+    replay_batch: int | None = None  # replayed samples per batch (default: a quarter of the batch)
+    device: str = "cpu"
+    amp: bool = False
+    threads: int | None = None
+    workers: int = 0
+    progress: bool = True
+    plots: bool = True
+    save_masks: bool = True
+    # Real use.
+    model: str | None = None
+    pretrained: str | None = None
+    data: str | None = None
+    control: str | None = None
+    tasks: int = 2
+    # The embedded default.
+    pretrain_epochs: int = 100
+    pretrain_lr: float = 2e-3
+    pretrain_seed: int = 0
+    cache_dir: str | None = None
+    limit_per_class: int | None = None  # tests: keep this many digit images per class
+    max_steps: int | None = None  # tests: at most this many training steps per task
+
+    @property
+    def embedded(self) -> bool:
+        return self.data is None
+
+
+# Calibrated for the embedded default (small CLIP on digits, 2 CPU cores).
+EMBEDDED_DEFAULTS = dict(lr=1e-3, weight_decay=0.2, batch_size=32, epochs=30)
+# The original work's values for real data (AdamW lr 7.5e-6, weight decay 0.2, batch 128); the
+# number of epochs per task is this job's choice.
+REAL_DEFAULTS = dict(lr=7.5e-6, weight_decay=0.2, batch_size=128, epochs=10)
+
+
+def resolve(cfg: JobConfig) -> JobConfig:
+    """Fill the ``None`` fields with the defaults of the embedded benchmark or of real data."""
+    defaults = EMBEDDED_DEFAULTS if cfg.embedded else REAL_DEFAULTS
+    for k, v in defaults.items():
+        if getattr(cfg, k) is None:
+            setattr(cfg, k, v)
+    if cfg.lrs is None:
+        cfg.lrs = (cfg.lr,)
+    if cfg.replay_batch is None:
+        cfg.replay_batch = max(1, cfg.batch_size // 4) if cfg.replay > 0 else 0
+    if cfg.threads is None and cfg.embedded and cfg.device == "cpu":
+        cfg.threads = 1  # the small model gains nothing from intra-op threads, and loses much on a busy machine
+    bad = [m for m in cfg.methods if m not in Mth.METHODS]
+    if bad:
+        raise ValueError(f"methods: unknown {bad}; known: {', '.join(Mth.METHODS)}")
+    if not cfg.embedded and cfg.control is None:
+        raise ValueError("--data needs --control (a directory of images of the base model's classes)")
+    return cfg
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak, not current: coarse
+
+
+class _Memory:
+    """Peak memory increase during a task's training (see the module docstring)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            self.base = torch.cuda.memory_allocated(device)
+        else:
+            self.base = _rss_bytes()
+        self.peak = self.base
+        self.device = device
+
+    def sample(self) -> None:
+        if not self.cuda:
+            self.peak = max(self.peak, _rss_bytes())
+
+    def delta_mb(self) -> float:
+        if self.cuda:
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        return (self.peak - self.base) / 2**20
+
+
+@dataclass
+class Context:
+    """What every method run shares: the benchmark, the base model's weights, the tokenizer."""
+
+    bench: D.Benchmark
+    base_model: torch.nn.Module  # frozen, never trained: the template of every run
+    build: callable  # () -> a fresh copy of the base model
+    tokenizer: callable
+    info: dict = field(default_factory=dict)
+
+
+def prepare(cfg: JobConfig, log=print) -> Context:
+    """Build the benchmark and the base model (pretraining the embedded one if not cached)."""
+    device = torch.device(cfg.device)
+    if cfg.embedded:
+        bench = D.digits_benchmark(limit_per_class=cfg.limit_per_class)
+        tok = Mdl.WordTokenizer(D.prompts(bench.class_names + bench.control_names))
+        model, pre = Mdl.pretrain_tiny_clip(
+            bench, tok, seed=cfg.pretrain_seed, epochs=cfg.pretrain_epochs, lr=cfg.pretrain_lr,
+            cache_dir=cfg.cache_dir, device=device, progress=cfg.progress, log=log)
+        info = dict(model="small open_clip CLIP " + str(Mdl.TINY_CLIP), tokenizer="word-level over the prompts",
+                    pretrain=pre)
+    else:
+        model, train_tf, eval_tf, tok = Mdl.load_open_clip(cfg.model, cfg.pretrained, device)
+        bench = D.folder_benchmark(cfg.data, cfg.control, cfg.tasks, train_tf, eval_tf)
+        info = dict(model=cfg.model, pretrained=cfg.pretrained, tokenizer=f"open_clip.get_tokenizer({cfg.model!r})")
+    template = model.eval()
+    for p in template.parameters():
+        p.requires_grad_(False)
+
+    def build():
+        """A fresh copy of the base model, every parameter trainable (methods freeze what they do not train)."""
+        m = copy.deepcopy(template)
+        for p in m.parameters():
+            p.requires_grad_(True)
+        return m.train()
+
+    info["benchmark"] = bench.describe()
+    return Context(bench, template, build, tok, info)
+
+
+def _loader(ds, cfg: JobConfig, shuffle: bool, seed: int = 0, batch_size: int | None = None):
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size or cfg.batch_size, shuffle=shuffle, generator=g,
+                                       drop_last=shuffle and len(ds) >= (batch_size or cfg.batch_size),
+                                       num_workers=cfg.workers)
+
+
+def evaluate(model, ctx: Context, cfg: JobConfig, t: int, eval_loaders: dict, autocast) -> dict:
+    """Zero-shot accuracies after task ``t`` (``t = -1``: the base model before any task)."""
+    bench, tok, device = ctx.bench, ctx.tokenizer, torch.device(cfg.device)
+
+    def acc(loader, class_ids, names=None):
+        names = names if names is not None else [bench.class_names[c] for c in class_ids]
+        return Mdl.zero_shot_accuracy(model, loader, tok(D.prompts(names)), class_ids, device, autocast)
+
+    out = dict(control=acc(eval_loaders["control"], list(range(len(bench.control_names))), bench.control_names))
+    out["tasks_own"] = [acc(eval_loaders[j], bench.tasks[j]) for j in range(len(bench.tasks))]
+    if t >= 0:
+        seen = bench.seen(t)
+        out["new_own"] = out["tasks_own"][t]
+        out["new_seen"] = acc(eval_loaders[t], seen)
+        out["seen_all"] = acc(eval_loaders["seen", t], seen)
+    return out
+
+
+def train_sequence(method: str, lr: float, seed: int, ctx: Context, cfg: JobConfig, eval_loaders: dict,
+                   model=None, log=print) -> tuple[dict, list]:
+    """Teach every task in turn with one method; returns (the run's record, the masks per task).
+
+    ``model`` defaults to a fresh copy of the base model; it is trained in place.
+    """
+    from tqdm.auto import tqdm
+
+    bench, tok, device = ctx.bench, ctx.tokenizer, torch.device(cfg.device)
+    random.seed(seed)
+    torch.manual_seed(seed)
+    model = model if model is not None else ctx.build()
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.amp else None
+    before = evaluate(model, ctx, cfg, -1, eval_loaders, autocast)
+    record = dict(method=method, lr=None if method == "frozen" else lr, seed=seed, before=before, tasks=[])
+    replay = D.ReplayBuffer(cfg.replay, seed=seed)
+    all_masks = []
+    best = list(before["tasks_own"])  # best accuracy so far per task, for forgetting
+    for t, task in enumerate(bench.tasks):
+        train_ds = D.subset(bench.train, task)
+        classes = sorted(set(task) | set(replay.classes))
+        captions = tok(D.prompts([bench.class_names[c] for c in classes])).to(device)
+        lookup = torch.full((len(bench.class_names),), -1, dtype=torch.long)
+        lookup[torch.as_tensor(classes)] = torch.arange(len(classes))
+
+        def loss_fn(model, batch):
+            images, labels = batch
+            with autocast() if autocast else contextlib.nullcontext():
+                return Mdl.contrastive_loss(model, images.to(device), lookup[labels].to(device), captions).float()
+
+        loader = _loader(train_ds, cfg, shuffle=True, seed=seed * 1000 + t)
+        n_score = cfg.score_batches or max(1, math.ceil(cfg.score_fraction * len(loader)))
+        t0 = time.perf_counter()
+        setup = Mth.setup_task(
+            method, model, _loader(train_ds, cfg, shuffle=True, seed=seed * 1000 + t + 500), loss_fn,
+            lr=lr, weight_decay=cfg.weight_decay, density=cfg.density, score_batches_n=n_score,
+            progress=cfg.progress)
+        score_s = time.perf_counter() - t0
+        all_masks.append(setup.masks)
+
+        steps, step_s = 0, 0.0
+        mem = _Memory(device)
+        if setup.optimizer is not None:
+            model.train()
+            total = cfg.epochs * len(loader)
+            if cfg.max_steps is not None:
+                total = min(total, cfg.max_steps)
+            bar = tqdm(total=total, desc=f"seed {seed} lr {lr:g} {method}: task {t + 1}/{len(bench.tasks)}",
+                       unit="step", disable=not cfg.progress, leave=False)
+            for epoch in range(cfg.epochs):
+                for images, labels in loader:
+                    if steps >= total:
+                        break
+                    extra = replay.sample(cfg.replay_batch)
+                    if extra is not None:
+                        images, labels = torch.cat([images, extra[0]]), torch.cat([labels, extra[1]])
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    s0 = time.perf_counter()
+                    loss = loss_fn(model, (images, labels))
+                    setup.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    mem.sample()
+                    if steps == 0:
+                        g_bytes = Mth.grad_bytes(model)
+                    setup.before_step()
+                    setup.optimizer.step()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    step_s += time.perf_counter() - s0
+                    steps += 1
+                    bar.update()
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.close()
+            opt_bytes = Mth.state_bytes(setup.optimizer)
+            del setup.optimizer
+        else:
+            opt_bytes = g_bytes = 0
+        replay.add_task(train_ds)
+
+        ev = evaluate(model, ctx, cfg, t, eval_loaders, autocast)
+        previous = [best[j] - ev["tasks_own"][j] for j in range(t)]
+        best = [max(b, a) if j <= t else b for j, (b, a) in enumerate(zip(best, ev["tasks_own"]))]
+        row = dict(
+            task=t + 1, classes=[bench.class_names[c] for c in task], **ev,
+            control_drop=before["control"] - ev["control"],
+            forgetting=(sum(previous) / len(previous)) if previous else None,
+            steps=steps, step_ms=1000 * step_s / steps if steps else None, score_s=score_s,
+            score_batches=n_score if setup.masks is not None else 0,
+            opt_state_bytes=opt_bytes, grad_bytes=g_bytes, peak_mem_delta_mb=mem.delta_mb() if steps else None,
+            selected=setup.masks.k if setup.masks is not None else None,
+        )
+        record["tasks"].append(row)
+        log(f"  seed {seed} lr {lr:g} {method:12s} task {t + 1}: new {ev['new_own']:.3f} (among seen "
+            f"{ev['new_seen']:.3f}), control {ev['control']:.3f} ({-row['control_drop']:+.3f}), "
+            f"{row['step_ms'] or 0:.1f} ms/step")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return record, all_masks
+
+
+def summarize(record: dict) -> dict:
+    """One run's headline numbers after the last task."""
+    rows = record["tasks"]
+    last = rows[-1]
+    steps = sum(r["steps"] for r in rows)
+    return dict(
+        new_acc=sum(r["new_own"] for r in rows) / len(rows),  # each task right after learning it
+        new_seen_acc=sum(r["new_seen"] for r in rows) / len(rows),
+        final_tasks_acc=sum(last["tasks_own"]) / len(last["tasks_own"]),
+        final_seen_acc=last["seen_all"],
+        control=last["control"],
+        control_drop=last["control_drop"],
+        forgetting=last["forgetting"],
+        step_ms=(sum(r["step_ms"] * r["steps"] for r in rows if r["steps"]) / steps) if steps else None,
+        opt_state_bytes=max(r["opt_state_bytes"] for r in rows),
+        grad_bytes=max(r["grad_bytes"] for r in rows),
+        peak_mem_delta_mb=max((r["peak_mem_delta_mb"] for r in rows if r["peak_mem_delta_mb"] is not None), default=None),
+    )
+
+
+def run(cfg: JobConfig, log=print) -> dict:
+    """Run the whole job and write its outputs; returns the results (also saved as JSON)."""
+    from . import report
+
+    cfg = resolve(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    os.makedirs(cfg.out, exist_ok=True)
+    t_start = time.perf_counter()
+    ctx = prepare(cfg, log=log)
+    log(ctx.info["benchmark"])
+    bench = ctx.bench
+    eval_bs = max(cfg.batch_size, 256) if cfg.embedded else cfg.batch_size
+    eval_loaders = {"control": _loader(bench.control, cfg, False, batch_size=eval_bs)}
+    for j, task in enumerate(bench.tasks):
+        eval_loaders[j] = _loader(D.subset(bench.test, task), cfg, False, batch_size=eval_bs)
+        eval_loaders["seen", j] = _loader(D.subset(bench.test, bench.seen(j)), cfg, False, batch_size=eval_bs)
+
+    runs = []
+    for seed in cfg.seeds:
+        for lr in cfg.lrs:
+            for method in cfg.methods:
+                if method == "frozen" and lr != cfg.lrs[0]:
+                    continue  # no training: the same at every learning rate
+                record, masks = train_sequence(method, lr, seed, ctx, cfg, eval_loaders, log=log)
+                record["summary"] = summarize(record)
+                runs.append(record)
+                if cfg.save_masks and masks and masks[0] is not None:
+                    mdir = os.path.join(cfg.out, "masks")
+                    os.makedirs(mdir, exist_ok=True)
+                    for t, m in enumerate(masks):
+                        m.save(os.path.join(mdir, f"seed{seed}_lr{lr:g}_{method}_task{t + 1}.safetensors"),
+                               metadata={"method": method, "task": str(t + 1), "seed": str(seed)})
+    results = dict(
+        config={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        info=ctx.info, tasks=[[bench.class_names[c] for c in t] for t in bench.tasks],
+        control_classes=bench.control_names, runs=runs, summary=report.aggregate(runs),
+        memory_measure=("torch.cuda.max_memory_allocated delta" if torch.device(cfg.device).type == "cuda" else
+                        "peak RSS increase during training, sampled after each backward (/proc/self/statm)"),
+        wall_s=time.perf_counter() - t_start,
+    )
+    report.write(results, cfg.out, plots=cfg.plots, log=log)
+    return results
