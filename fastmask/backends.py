@@ -27,6 +27,7 @@ __all__ = ["register", "names", "load", "why_not", "available", "forced", "pick"
 _MODULES: dict[str, str] = {
     "reference": "fastmask.reference",
     "ext": "fastmask._ext",
+    "triton": "fastmask.kernels",
 }
 #: Preference order per device type (names not registered are skipped); other device types use
 #: ``"*"``. Triton serves CPU tensors only when forced under ``TRITON_INTERPRET=1`` (tests).

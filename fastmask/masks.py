@@ -25,7 +25,7 @@ __all__ = ["Mask", "MaskSet", "select", "num_selected"]
 _FORMAT = "fastmask.maskset/1"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Mask:
     """Selected flat positions of one tensor: ``indices`` (1-D int32, sorted, unique, CPU) and ``shape``."""
 
@@ -37,7 +37,8 @@ class Mask:
         idx = self.indices
         check_indices(idx, shape.numel(), "Mask.indices")
         object.__setattr__(self, "shape", shape)
-        object.__setattr__(self, "indices", idx.detach().to(device="cpu", dtype=torch.int32).contiguous())
+        # Own a copy: a caller's later in-place write must not reach validated indices.
+        object.__setattr__(self, "indices", idx.detach().to(device="cpu", dtype=torch.int32, copy=True).contiguous())
 
     @property
     def numel(self) -> int:
@@ -90,8 +91,7 @@ class Mask:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Mask) and self.shape == other.shape and torch.equal(self.indices, other.indices)
 
-    def __hash__(self) -> int:  # frozen dataclass with a tensor field: hash by identity
-        return id(self)
+    __hash__ = None  # type: ignore[assignment]  # equality is by value of a tensor: unhashable
 
     def __repr__(self) -> str:
         return f"Mask(shape={tuple(self.shape)}, k={self.k}, density={self.density:.4f})"
@@ -250,6 +250,8 @@ class MaskSet(Mapping[str, Mask]):
             meta = f.metadata() or {}
             if meta.get("format") != _FORMAT:
                 raise ValueError(f"{path}: not a fastmask MaskSet file (format {meta.get('format')!r}, expected {_FORMAT!r})")
+            if "shapes" not in meta:
+                raise ValueError(f"{path}: fastmask MaskSet file without its 'shapes' metadata (damaged?)")
             shapes = json.loads(meta["shapes"])
             tensors = {n: f.get_tensor(n) for n in f.keys()}
         if set(shapes) != set(tensors):

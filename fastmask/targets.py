@@ -146,13 +146,15 @@ def find_targets(
     return targets
 
 
-def freeze(model: nn.Module, targets: Targets | Mapping[str, nn.Parameter] | Iterable[str]) -> Targets | None:
+def freeze(model: nn.Module, targets: Targets | Mapping[str, nn.Parameter] | Iterable[str] | str):
     """Train only ``targets``: ``requires_grad=True`` on them, ``False`` on every other parameter.
 
-    ``targets`` is a :class:`Targets`, a mapping of names to parameters, or an iterable of names.
-    Returns ``targets`` for chaining.
+    ``targets`` is a :class:`Targets`, a mapping of names to parameters, a name, or an iterable of
+    names. Returns ``targets`` for chaining.
     """
-    if isinstance(targets, Targets):
+    if isinstance(targets, str):
+        keep = {targets}
+    elif isinstance(targets, Targets):
         keep = set(targets.names)
     elif isinstance(targets, Mapping):
         keep = set(targets)

@@ -63,7 +63,11 @@ class Problem:
     steps: torch.Tensor
 
     def clone(self) -> Problem:
-        c = lambda x: [t.clone() for t in x] if isinstance(x, list) else (x.clone() if isinstance(x, torch.Tensor) else list(x))
+        def c(x):
+            if isinstance(x, torch.Tensor):
+                return x.clone()
+            return [t.clone() if isinstance(t, torch.Tensor) else t for t in x]
+
         return Problem(*(c(getattr(self, f)) for f in self.__dataclass_fields__))
 
 

@@ -119,7 +119,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         self._buckets: list[_Bucket] = []
         self._mask_of: dict[nn.Parameter, torch.Tensor] = {}
         self._names: dict[nn.Parameter, str] = {}
-        self.set_masks(masks or {}, model=model)
+        self.set_masks(masks if masks is not None else {}, model=model)
 
     # ------------------------------------------------------------------------------------------
     # masks and compact state

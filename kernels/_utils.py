@@ -1,0 +1,161 @@
+"""Shared pieces of the Triton backend: the per-tensor table, block heuristics, in-kernel helpers.
+
+One launch serves every tensor of a call. The host describes the tensors in a small int64 table
+(one row per field, one column per tensor) that the kernels read: a program finds its tensor by
+counting the block starts at or below its program id, then loads that tensor's data pointers
+from the table and casts them to typed pointers (as Triton's grouped-GEMM tutorial does).
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+import torch
+import triton
+import triton.language as tl
+
+#: Kernels were decorated for the interpreter (``TRITON_INTERPRET=1`` when this module loaded):
+#: ``triton.jit`` decides this once, at decoration time.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# Table rows (compile-time constants so kernels can use them; ``.value`` on the host).
+BLOCK_START = tl.constexpr(0)  # first program id of the tensor
+PTR_A = tl.constexpr(1)  # data pointers: params (step) or scores (score_accumulate)
+PTR_B = tl.constexpr(2)  # grads
+PTR_C = tl.constexpr(3)  # scores (fused step), else 0
+SEG_LO = tl.constexpr(4)  # compact segment [SEG_LO, SEG_HI) of the tensor
+SEG_HI = tl.constexpr(5)
+NUMEL = tl.constexpr(6)
+TABLE_ROWS = 7
+
+TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+    torch.float64: tl.float64,
+}
+
+
+def dense_block(device: torch.device) -> int:
+    """Entries per program for passes over whole tensors.
+
+    On a GPU 1024 fp32 entries (4 KiB) per program with 4 warps keeps enough bytes in flight per
+    SM without leaving most programs of a small tensor idle. The interpreter pays per program, not
+    per entry, so it gets bigger blocks.
+    """
+    return 4096 if device.type == "cpu" else 1024
+
+
+def num_warps_for(block: int) -> int:
+    return max(1, min(8, block // 256))
+
+
+def pad_tensors(n: int) -> int:
+    """Vector width used to search the block-start row: a power of two >= n (compile-time)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+class TableCache:
+    """Device copies of per-call tables, keyed by their full contents.
+
+    An optimizer passes the same tensors every step, so the table (data pointers, offsets,
+    sizes) repeats: caching it avoids a host-to-device copy per step. The key is the table's
+    contents, so a hit can never give a stale table, even if memory was reused.
+    """
+
+    def __init__(self, size: int = 64) -> None:
+        self._size = size
+        self._entries: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    def get(self, rows: list[list[int]], device: torch.device) -> torch.Tensor:
+        key = (device, tuple(tuple(r) for r in rows))
+        hit = self._entries.get(key)
+        if hit is not None:
+            self._entries.move_to_end(key)
+            return hit[1]
+        host = torch.tensor(rows, dtype=torch.int64)
+        if device.type == "cuda":
+            # Pinned + non_blocking: the copy is queued on the stream, the host never waits; the
+            # pinned buffer stays alive in the cache for as long as the copy may be running.
+            host = host.pin_memory()
+            table = host.to(device, non_blocking=True)
+        else:
+            table = host.to(device)
+        self._entries[key] = (host, table)
+        if len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+        return table
+
+
+def launch_context(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' device."""
+    import contextlib
+
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+@triton.jit
+def find_block(table_ptr, n_tensors, pid, T_PAD: tl.constexpr):
+    """(tensor, first program of that tensor) for program ``pid``.
+
+    Block starts are non-decreasing; the tensor owning ``pid`` is the last one whose start is
+    <= pid (tensors with no blocks share their start with the next one and are skipped this way).
+    """
+    ts = tl.arange(0, T_PAD)
+    starts = tl.load(table_ptr + ts, mask=ts < n_tensors, other=2**62)
+    t = tl.sum((starts <= pid).to(tl.int32), axis=0) - 1
+    first = tl.load(table_ptr + t)
+    return t, first
+
+
+@triton.jit
+def lower_bound(idx_ptr, lo, hi, target, n_iter):
+    """First position j in [lo, hi) with idx[j] >= target (hi if none); idx sorted there.
+
+    Branch-free bisection with a fixed number of rounds (``n_iter`` >= bit length of the segment
+    size + 1), so all lanes of a program stay in step.
+    """
+    for _ in range(n_iter):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        v = tl.load(idx_ptr + mid, mask=active, other=0)
+        right = active & (v < target)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(active & (v >= target), mid, hi)
+    return lo
+
+
+@triton.jit
+def statistic(g, SCORE_MODE: tl.constexpr):
+    """Per-entry score statistic: 0 = g (signed), 1 = |g|, 2 = g*g (empirical Fisher)."""
+    if SCORE_MODE == 0:
+        s = g
+    elif SCORE_MODE == 1:
+        s = tl.abs(g)
+    else:
+        s = g * g
+    return s
+
+
+@triton.jit
+def to_param_dtype(x, P_DTYPE: tl.constexpr):
+    """fp32 -> param dtype, rounding to nearest even.
+
+    bf16 is rounded by hand: Triton's interpreter truncates fp32 -> bf16, and an optimizer step
+    of about one bf16 ulp (common: lr 1e-2 on weights near 1) then drifts steadily toward zero.
+    Doing it in integer ops gives torch's rounding on every platform, for a few ALU ops in a
+    memory-bound kernel. NaN is kept NaN (the carry could otherwise turn it into an infinity).
+    """
+    if P_DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        y = tl.where(x != x, x.to(tl.bfloat16), y)
+    else:
+        y = x.to(P_DTYPE)
+    return y
+
+
+SCORE_MODE_IDS = {"grad": 0, "abs": 1, "fisher": 2}

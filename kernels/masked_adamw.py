@@ -1,0 +1,208 @@
+"""Triton kernel for ``fastmask::masked_adamw_step_``: AdamW on the selected entries of all tensors
+of a call in one launch, optionally accumulating every entry's score in the same pass.
+
+Maths (fp32 whatever the param dtype; ``s`` the tensor's step, already incremented)::
+
+    g  = grad[i] / grad_scale                 (if given);   score[i] += stat(g)   (every i)
+    g  = -g                                   (if maximize)
+    p  = param[i] * (1 - lr * weight_decay)
+    m  = lerp(m, g, 1 - beta1)
+    v  = beta2 * v + (1 - beta2) * g * g
+    v' = max(v_max, v)                        (amsgrad; else v' = v)
+    param[i] = p + (-lr / (1 - beta1**s)) * m / (sqrt(v') / sqrt(1 - beta2**s) + eps)
+
+for each selected flat position ``i = idx[j]`` (``j`` in the tensor's compact segment); nothing at
+all changes when ``found_inf`` is non-zero.
+
+Grid. Without scores, programs tile the compact arrays: tensor ``t`` owns ``cdiv(k_t, BLOCK)``
+programs, each stepping ``BLOCK`` consecutive compact entries (a gather from the param/grad).
+With scores, programs tile the *dense* tensors instead: each program reads one dense block of the
+gradient to update the scores, then bisects the tensor's sorted index segment for the selected
+entries falling inside that block and steps them, so their gradient is re-read from cache, not
+from memory: one pass over the gradient serves both.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import (
+    BLOCK_START, NUMEL, PTR_A, PTR_B, PTR_C, SCORE_MODE_IDS, SEG_HI, SEG_LO, TABLE_ROWS, TL_DTYPES,
+    TableCache,
+    dense_block, find_block, launch_context, lower_bound, num_warps_for, pad_tensors, statistic, to_param_dtype,
+)
+
+_tables = TableCache()
+
+
+@triton.jit
+def _one_minus_pow(log_beta, s):
+    """1 - beta**s = -expm1(s * log(beta)), accurate in fp32 for beta close to 1.
+
+    ``1 - exp(x)`` cancels catastrophically for small |x| (beta2 = 0.999 at step 1 would lose
+    four digits); Kahan's ``(u - 1) * x / log(u)`` with ``u = exp(x)`` does not. Far from 0 the
+    plain form is exact enough and also handles beta = 0 (x = -inf).
+    """
+    x = s * log_beta
+    u = tl.exp(x)
+    # The clamp only keeps the unused lane finite (x < -0.5 takes the plain form).
+    kahan = tl.where(u == 1.0, -x, tl.div_rn((1.0 - u) * x, tl.log(tl.maximum(u, 0.5))))
+    return tl.where(x < -0.5, 1.0 - u, kahan)
+
+
+@triton.jit
+def _step_entries(
+    j, mask, idx_ptr, p_ptr, g_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+    decay, neg_step_size, bc2_sqrt, beta1, beta2, eps, scale,
+    P_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
+):
+    i = tl.load(idx_ptr + j, mask=mask, other=0)
+    p_raw = tl.load(p_ptr + i, mask=mask)
+    g = tl.load(g_ptr + i, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        g = tl.div_rn(g, scale)
+    if MAXIMIZE:
+        g = -g
+    p = p_raw.to(tl.float32) * decay
+    m = tl.load(exp_avg_ptr + j, mask=mask, other=0.0)
+    v = tl.load(exp_avg_sq_ptr + j, mask=mask, other=0.0)
+    # torch.lerp's two-sided form, so m matches torch's rounding for any beta1.
+    w = 1.0 - beta1
+    diff = g - m
+    m = tl.where(w < 0.5, m + w * diff, g - diff * (1.0 - w))
+    v = v * beta2 + (1.0 - beta2) * (g * g)
+    if AMSGRAD:
+        v_max = tl.maximum(tl.load(max_exp_avg_sq_ptr + j, mask=mask, other=0.0), v)
+        tl.store(max_exp_avg_sq_ptr + j, v_max, mask=mask)
+        v_hat = v_max
+    else:
+        v_hat = v
+    # IEEE-rounded sqrt/div (Triton's defaults are approximate on GPUs) to stay at torch's rounding.
+    denom = tl.div_rn(tl.sqrt_rn(v_hat), bc2_sqrt) + eps
+    p = p + tl.div_rn(neg_step_size * m, denom)
+    tl.store(exp_avg_ptr + j, m, mask=mask)
+    tl.store(exp_avg_sq_ptr + j, v, mask=mask)
+    tl.store(p_ptr + i, to_param_dtype(p, P_DTYPE), mask=mask)
+
+
+@triton.jit
+def _masked_adamw_kernel(
+    table_ptr, n_tensors, idx_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, steps_ptr,
+    lr, lr_ptr, beta1, beta2, log_beta1, log_beta2, eps, weight_decay, grad_scale_ptr, found_inf_ptr,
+    n_iter,
+    P_DTYPE: tl.constexpr, LR_ON_DEVICE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, FUSED_SCORES: tl.constexpr, SCORE_MODE: tl.constexpr,
+    BLOCK: tl.constexpr, SBLOCK: tl.constexpr, T_PAD: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    t, first = find_block(table_ptr + BLOCK_START * n_tensors, n_tensors, pid, T_PAD)
+    b = pid - first
+    p_ptr = tl.load(table_ptr + PTR_A * n_tensors + t).to(tl.pointer_type(P_DTYPE))
+    g_ptr = tl.load(table_ptr + PTR_B * n_tensors + t).to(tl.pointer_type(P_DTYPE))
+    seg_lo = tl.load(table_ptr + SEG_LO * n_tensors + t)
+    seg_hi = tl.load(table_ptr + SEG_HI * n_tensors + t)
+
+    # A skipped step (GradScaler found inf/nan) empties this program's ranges: no memory traffic,
+    # no host sync.
+    if HAS_INF:
+        live = tl.load(found_inf_ptr) == 0
+        seg_hi = tl.where(live, seg_hi, seg_lo)
+    scale = 1.0
+    if HAS_SCALE:
+        scale = tl.load(grad_scale_ptr).to(tl.float32)
+
+    if LR_ON_DEVICE:
+        lr_f = tl.load(lr_ptr).to(tl.float32)
+    else:
+        lr_f = lr
+    s = tl.load(steps_ptr + t)
+    neg_step_size = tl.div_rn(-lr_f, _one_minus_pow(log_beta1, s))
+    bc2_sqrt = tl.sqrt_rn(_one_minus_pow(log_beta2, s))
+    decay = 1.0 - lr_f * weight_decay
+
+    if FUSED_SCORES:
+        numel = tl.load(table_ptr + NUMEL * n_tensors + t)
+        sc_ptr = tl.load(table_ptr + PTR_C * n_tensors + t).to(tl.pointer_type(tl.float32))
+        start = b * BLOCK
+        end = tl.minimum(start + BLOCK, numel)
+        if HAS_INF:
+            end = tl.where(live, end, start)
+        offs = start + tl.arange(0, BLOCK)
+        dmask = offs < end
+        g = tl.load(g_ptr + offs, mask=dmask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            g = tl.div_rn(g, scale)
+        acc = tl.load(sc_ptr + offs, mask=dmask, other=0.0)
+        tl.store(sc_ptr + offs, acc + statistic(g, SCORE_MODE), mask=dmask)
+        # At most BLOCK selected entries fall in [start, end): bound the second search by that.
+        j0 = lower_bound(idx_ptr, seg_lo, seg_hi, start, n_iter)
+        j1 = lower_bound(idx_ptr, j0, tl.minimum(seg_hi, j0 + BLOCK), end, n_iter)
+        for j_start in range(j0, j1, SBLOCK):
+            j = j_start + tl.arange(0, SBLOCK)
+            _step_entries(j, j < j1, idx_ptr, p_ptr, g_ptr, exp_avg_ptr, exp_avg_sq_ptr,
+                          max_exp_avg_sq_ptr, decay, neg_step_size, bc2_sqrt, beta1, beta2, eps, scale,
+                          P_DTYPE, AMSGRAD, MAXIMIZE, HAS_SCALE)
+    else:
+        j = seg_lo + b * BLOCK + tl.arange(0, BLOCK)
+        _step_entries(j, j < seg_hi, idx_ptr, p_ptr, g_ptr, exp_avg_ptr, exp_avg_sq_ptr,
+                      max_exp_avg_sq_ptr, decay, neg_step_size, bc2_sqrt, beta1, beta2, eps, scale,
+                      P_DTYPE, AMSGRAD, MAXIMIZE, HAS_SCALE)
+
+
+def _lr_on_host(lr: torch.Tensor) -> bool:
+    """A CPU lr is read on the host (no sync: it already lives there); a device lr in-kernel."""
+    return lr.device.type == "cpu"
+
+
+def _log(beta: float) -> float:
+    return math.log(beta) if beta > 0.0 else float("-inf")
+
+
+def masked_adamw_step_(
+    params, grads, idx, exp_avg, exp_avg_sq, offsets, steps, lr, beta1, beta2, eps,
+    weight_decay, maximize, max_exp_avg_sq, grad_scale, found_inf, scores, score_mode,
+) -> None:
+    """Launch one kernel for all tensors of the call (arguments already checked by fastmask.ops)."""
+    n = len(params)
+    if n == 0:
+        return
+    device = params[0].device
+    fused = bool(scores)
+    seg = [offsets[t + 1] - offsets[t] for t in range(n)]
+    block = dense_block(device)
+    # Fused: programs tile the dense tensors (every gradient entry is scored); else the segments.
+    counts = [triton.cdiv(p.numel() if fused else k, block) for p, k in zip(params, seg)]
+    starts, total = [], 0
+    for c in counts:
+        starts.append(total)
+        total += c
+    if total == 0:
+        return
+
+    rows = [[0] * n for _ in range(TABLE_ROWS)]
+    rows[BLOCK_START.value] = starts
+    rows[PTR_A.value] = [p.data_ptr() for p in params]
+    rows[PTR_B.value] = [g.data_ptr() for g in grads]
+    rows[PTR_C.value] = [s.data_ptr() for s in scores] if fused else [0] * n
+    rows[SEG_LO.value] = list(offsets[:-1])
+    rows[SEG_HI.value] = list(offsets[1:])
+    rows[NUMEL.value] = [p.numel() for p in params]
+    table = _tables.get(rows, device)
+
+    on_host = _lr_on_host(lr)
+    with launch_context(device):
+        _masked_adamw_kernel[(total,)](
+            table, n, idx, exp_avg, exp_avg_sq, max_exp_avg_sq, steps,
+            float(lr) if on_host else 0.0, None if on_host else lr.reshape(()),
+            beta1, beta2, _log(beta1), _log(beta2), eps, weight_decay, grad_scale, found_inf,
+            max(seg).bit_length() + 1,
+            P_DTYPE=TL_DTYPES[params[0].dtype], LR_ON_DEVICE=not on_host,
+            AMSGRAD=max_exp_avg_sq is not None, MAXIMIZE=bool(maximize),
+            HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None,
+            FUSED_SCORES=fused, SCORE_MODE=SCORE_MODE_IDS[score_mode],
+            BLOCK=block, SBLOCK=max(16, block // 4), T_PAD=pad_tensors(n),
+            num_warps=num_warps_for(block),
+        )

@@ -1,0 +1,69 @@
+"""Triton kernel for ``fastmask::score_accumulate_``: add every gradient entry's statistic to its
+fp32 score tensor, for all tensors of a call in one launch.
+
+Maths (fp32 whatever the gradient dtype), per entry ``i`` of tensor ``t``::
+
+    scores[t][i] += g          (mode "grad": signed; the paper's score is |sum g|, taken later)
+    scores[t][i] += |g|        (mode "abs")
+    scores[t][i] += g * g      (mode "fisher": empirical Fisher)
+
+with ``g = float32(grads[t][i])``. Programs tile the tensors in blocks of ``BLOCK`` entries; a
+program finds its tensor through the block-start row of the per-tensor table.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import (
+    BLOCK_START, NUMEL, PTR_A, PTR_B, SCORE_MODE_IDS, TABLE_ROWS, TL_DTYPES, TableCache, dense_block,
+    find_block, launch_context, num_warps_for, pad_tensors, statistic,
+)
+
+_tables = TableCache()
+
+
+@triton.jit
+def _score_accumulate_kernel(
+    table_ptr, n_tensors,
+    G_DTYPE: tl.constexpr, SCORE_MODE: tl.constexpr, BLOCK: tl.constexpr, T_PAD: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    t, first = find_block(table_ptr + BLOCK_START * n_tensors, n_tensors, pid, T_PAD)
+    sc_ptr = tl.load(table_ptr + PTR_A * n_tensors + t).to(tl.pointer_type(tl.float32))
+    g_ptr = tl.load(table_ptr + PTR_B * n_tensors + t).to(tl.pointer_type(G_DTYPE))
+    numel = tl.load(table_ptr + NUMEL * n_tensors + t)
+    offs = (pid - first) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    acc = tl.load(sc_ptr + offs, mask=mask, other=0.0)
+    tl.store(sc_ptr + offs, acc + statistic(g, SCORE_MODE), mask=mask)
+
+
+def score_accumulate_(scores, grads, score_mode) -> None:
+    """One launch per (device, gradient dtype) present: normally exactly one."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for t, g in enumerate(grads):
+        if g.dtype not in TL_DTYPES:
+            raise TypeError(f"grads[{t}]: the triton backend scores {tuple(TL_DTYPES)} gradients, got {g.dtype}")
+        if g.numel():
+            groups.setdefault((g.device, g.dtype), []).append(t)
+    for (device, dtype), members in groups.items():
+        block = dense_block(device)
+        starts, total = [], 0
+        for t in members:
+            starts.append(total)
+            total += triton.cdiv(grads[t].numel(), block)
+        rows = [[0] * len(members) for _ in range(TABLE_ROWS)]
+        rows[BLOCK_START.value] = starts
+        rows[PTR_A.value] = [scores[t].data_ptr() for t in members]
+        rows[PTR_B.value] = [grads[t].data_ptr() for t in members]
+        rows[NUMEL.value] = [grads[t].numel() for t in members]
+        table = _tables.get(rows, device)
+        with launch_context(device):
+            _score_accumulate_kernel[(total,)](
+                table, len(members),
+                G_DTYPE=TL_DTYPES[dtype], SCORE_MODE=SCORE_MODE_IDS[score_mode], BLOCK=block,
+                T_PAD=pad_tensors(len(members)), num_warps=num_warps_for(block),
+            )

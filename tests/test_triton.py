@@ -1,0 +1,413 @@
+"""The Triton backend against the reference backend.
+
+Every case runs the same problem (cloned) through ``backends.use("reference")`` and
+``backends.use("triton")`` and compares: params within ``STEP_TOL`` of their dtype, fp32 state
+and scores within the fp32 bound, unselected entries bit-exact. Without a GPU the kernels run in
+Triton's interpreter on CPU tensors (conftest sets ``TRITON_INTERPRET=1``), so sizes stay small.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+
+import pytest
+import torch
+
+try:
+    import triton  # noqa: F401
+except Exception as exc:  # pragma: no cover - depends on the environment
+    pytest.skip(f"triton cannot be imported ({type(exc).__name__}: {exc}); the Triton backend is untestable here",
+                allow_module_level=True)
+
+import fastmask
+from fastmask import backends, ops
+
+from .utils import STEP_TOL, assert_close, make_problem, random_indices, tol
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_reason = backends.why_not("triton", DEVICE)
+if _reason is not None:  # pragma: no cover
+    pytest.skip(f"triton backend cannot run on {DEVICE}: {_reason}", allow_module_level=True)
+
+FP32_TOL = tol(torch.float32)
+DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+DTYPES = [pytest.param(d, id=i) for d, i in DTYPE_IDS.items()]
+SHAPES = {
+    "one-1": [(1,)],
+    "odd-7": [(7,)],
+    # several shapes in one launch, with an empty tensor in the middle and more than one
+    # program per tensor (the interpreter's dense block is 4096 entries)
+    "mixed": [(7,), (37, 129), (0,), (1,), (3, 5, 11), (64, 300)],
+}
+SHAPE_PARAMS = [pytest.param(v, id=k) for k, v in SHAPES.items()]
+DENSITIES = [pytest.param(d, id=f"density-{d}") for d in (0.0, 0.1, 1.0)]
+MODES = [pytest.param(m, id=m) for m in ops.SCORE_MODES]
+
+
+def _kernel_module():
+    backends.load("triton")
+    return sys.modules["fastmask.kernels.masked_adamw"]
+
+
+def _on_device(problem):
+    problem = copy.deepcopy(problem)  # utils.Problem.clone() cannot clone its offsets list
+    for name in ("params", "grads"):
+        setattr(problem, name, [t.to(DEVICE) for t in getattr(problem, name)])
+    for name in ("idx", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "steps"):
+        setattr(problem, name, getattr(problem, name).to(DEVICE))
+    return problem
+
+
+def _random_scores(shapes, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g).to(DEVICE) for s in shapes]
+
+
+def _run(backend, problem, *, lr=None, amsgrad=False, maximize=False, weight_decay=1e-2,
+         grad_scale=None, found_inf=None, scores=None, score_mode="grad", betas=(0.9, 0.999)):
+    """Apply one step with ``backend`` to a copy of ``problem``; return (problem, scores) after."""
+    q = _on_device(problem)
+    scores = [s.clone() for s in scores] if scores else []
+    if lr is None:
+        lr = torch.tensor(1e-2, dtype=torch.float64)
+    with backends.use(backend):
+        ops.masked_adamw_step_(
+            q.params, q.grads, q.idx, q.exp_avg, q.exp_avg_sq, q.offsets, q.steps, lr,
+            betas[0], betas[1], 1e-8, weight_decay, maximize,
+            max_exp_avg_sq=q.max_exp_avg_sq if amsgrad else None,
+            grad_scale=grad_scale, found_inf=found_inf, scores=scores, score_mode=score_mode,
+        )
+    return q, scores
+
+
+def _unselected(problem, t):
+    keep = torch.ones(problem.params[t].numel(), dtype=torch.bool)
+    keep[problem.idx[problem.offsets[t]:problem.offsets[t + 1]].long().cpu()] = False
+    return keep
+
+
+def _compare(before, ref, out, dtype, *, amsgrad=False, ref_scores=(), out_scores=()):
+    for t, (p0, pr, po) in enumerate(zip(before.params, ref.params, out.params)):
+        assert_close(po.cpu(), pr.cpu(), **tol(dtype), what=f"params[{t}] {tuple(p0.shape)}")
+        keep = _unselected(before, t)
+        # unselected entries: not a single bit may change
+        assert torch.equal(po.cpu().reshape(-1)[keep].view(torch.uint8 if dtype == torch.float32 else dtype),
+                           p0.reshape(-1)[keep].view(torch.uint8 if dtype == torch.float32 else dtype)), \
+            f"params[{t}]: an unselected entry changed"
+    for t, (g0, go) in enumerate(zip(before.grads, out.grads)):
+        assert torch.equal(go.cpu(), g0), f"grads[{t}] was written"
+    assert_close(out.exp_avg.cpu(), ref.exp_avg.cpu(), **FP32_TOL, what="exp_avg")
+    assert_close(out.exp_avg_sq.cpu(), ref.exp_avg_sq.cpu(), **FP32_TOL, what="exp_avg_sq")
+    if amsgrad:
+        assert_close(out.max_exp_avg_sq.cpu(), ref.max_exp_avg_sq.cpu(), **FP32_TOL, what="max_exp_avg_sq")
+    else:
+        assert torch.equal(out.max_exp_avg_sq.cpu(), before.max_exp_avg_sq), "max_exp_avg_sq written without amsgrad"
+    for t, (sr, so) in enumerate(zip(ref_scores, out_scores)):
+        assert_close(so.cpu(), sr.cpu(), **FP32_TOL, what=f"scores[{t}]")
+
+
+def _both(problem, dtype, **kw):
+    ref, ref_scores = _run("reference", problem, **kw)
+    out, out_scores = _run("triton", problem, **kw)
+    _compare(problem, ref, out, dtype, amsgrad=kw.get("amsgrad", False), ref_scores=ref_scores, out_scores=out_scores)
+    return ref, out
+
+
+# ---------------------------------------------------------------------------------------------
+# masked_adamw_step_
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("shapes", SHAPE_PARAMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_step_matches_reference(dtype, shapes, density):
+    problem = make_problem(shapes, dtype=dtype, density=density, seed=3)
+    ref, out = _both(problem, dtype)
+    if problem.idx.numel():  # the step did something (guards against a kernel that never runs)
+        assert not torch.equal(out.exp_avg.cpu(), problem.exp_avg)
+
+
+OPTIONS = {
+    "amsgrad": dict(amsgrad=True),
+    "maximize": dict(maximize=True),
+    "no-weight-decay": dict(weight_decay=0.0),
+    "big-weight-decay": dict(weight_decay=0.5),
+    "grad-scale": dict(grad_scale=torch.tensor(1024.0)),
+    "found-inf-zero": dict(found_inf=torch.tensor(0.0), grad_scale=torch.tensor(8.0)),
+    "beta1-above-half": dict(betas=(0.3, 0.99)),
+    "beta-zero": dict(betas=(0.0, 0.0)),
+    "all": dict(amsgrad=True, maximize=True, weight_decay=0.1, grad_scale=torch.tensor(4.0),
+                found_inf=torch.tensor(0.0)),
+}
+
+
+@pytest.mark.parametrize("opts", [pytest.param(v, id=k) for k, v in OPTIONS.items()])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+def test_step_options(dtype, opts):
+    opts = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in opts.items()}
+    problem = make_problem(SHAPES["mixed"], dtype=dtype, density=0.3, seed=5)
+    _both(problem, dtype, **opts)
+
+
+@pytest.mark.parametrize("step", [1, 2, 1000, 100000])
+def test_step_bias_correction_steps(step):
+    """Bias corrections at step 1 (1 - beta2 = 1e-3: where a naive fp32 pow loses digits) to large."""
+    problem = make_problem([(5, 40)], density=0.5, seed=7, step=step)
+    ref, out = _both(problem, torch.float32, lr=torch.tensor(1.0, dtype=torch.float64), weight_decay=0.0)
+    # With lr = 1 the update is as large as the param, so compare the updates themselves: an
+    # error in 1 - beta**step shows up here, where the param's magnitude would hide it.
+    before = problem.params[0]
+    assert_close(out.params[0].cpu() - before, ref.params[0].cpu() - before, rtol=4e-6, atol=3e-7,
+                 what="update")
+
+
+@pytest.mark.parametrize("lr_kind", ["cpu-float64", "cpu-float32", "in-kernel-float64", "in-kernel-float32"])
+def test_step_lr_tensor(lr_kind, monkeypatch):
+    """lr read on the host (CPU tensor) or loaded by the kernel (device tensor).
+
+    Without a GPU the CPU lr would always take the host path: the in-kernel cases force the
+    device path, so the kernel's own load of lr is what is tested."""
+    dtype = torch.float64 if lr_kind.endswith("64") else torch.float32
+    if lr_kind.startswith("in-kernel"):
+        monkeypatch.setattr(_kernel_module(), "_lr_on_host", lambda lr: False)
+        lr = torch.tensor(3e-3, dtype=dtype, device=DEVICE)
+    else:
+        lr = torch.tensor(3e-3, dtype=dtype)
+    problem = make_problem(SHAPES["mixed"], density=0.2, seed=11)
+    _both(problem, torch.float32, lr=lr)
+
+
+@pytest.mark.parametrize("fused", [pytest.param(False, id="step-only"), pytest.param(True, id="fused-scores")])
+@pytest.mark.parametrize("amsgrad", [pytest.param(False, id="adam"), pytest.param(True, id="amsgrad")])
+def test_found_inf_skips_everything(amsgrad, fused):
+    problem = make_problem(SHAPES["mixed"], dtype=torch.bfloat16, density=0.3, seed=13)
+    scores = _random_scores(SHAPES["mixed"]) if fused else None
+    out, out_scores = _run("triton", problem, amsgrad=amsgrad, grad_scale=torch.tensor(2.0, device=DEVICE),
+                           found_inf=torch.tensor(1.0, device=DEVICE), scores=scores, score_mode="fisher")
+    for t, (p0, p) in enumerate(zip(problem.params, out.params)):
+        assert torch.equal(p.cpu(), p0), f"params[{t}] changed on a skipped step"
+    for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "steps"):
+        assert torch.equal(getattr(out, name).cpu(), getattr(problem, name)), f"{name} changed on a skipped step"
+    for t, (s0, s) in enumerate(zip(scores or [], out_scores)):
+        assert torch.equal(s, s0), f"scores[{t}] changed on a skipped step"
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_step_fused_scores(dtype, mode, density):
+    """Scores (poisoned with random values) get every entry's statistic; the step is unchanged."""
+    shapes = SHAPES["mixed"]
+    problem = make_problem(shapes, dtype=dtype, density=density, seed=17)
+    _both(problem, dtype, scores=_random_scores(shapes), score_mode=mode,
+          grad_scale=torch.tensor(2.0, device=DEVICE), maximize=True)
+
+
+@pytest.mark.parametrize("fused", [pytest.param(False, id="step-only"), pytest.param(True, id="fused-scores")])
+def test_step_many_tensors(fused):
+    """40 tensors (more than one 16-wide search vector), some empty, in one launch."""
+    g = torch.Generator().manual_seed(53)
+    shapes = [(int(n),) for n in torch.randint(0, 300, (40,), generator=g)] + [(0,), (5000,)]
+    problem = make_problem(shapes, dtype=torch.float16, density=0.5, seed=59)
+    _both(problem, torch.float16, scores=_random_scores(shapes) if fused else None, score_mode="fisher")
+
+
+def test_step_large_tensor():
+    """One tensor of 1000003 entries (prime: no block divides it) beside small ones, fused scoring."""
+    shapes = [(1000003,), (7,), (1,)]
+    problem = make_problem(shapes, density=0.1, seed=19)
+    _both(problem, torch.float32, scores=_random_scores(shapes), score_mode="abs", amsgrad=True)
+
+
+def test_step_is_one_launch(monkeypatch):
+    """All tensors of a call go through a single kernel launch."""
+    mod = _kernel_module()
+    launches = []
+    kernel = mod._masked_adamw_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(mod, "_masked_adamw_kernel", Counting())
+    problem = make_problem(SHAPES["mixed"], density=0.1, seed=23)
+    _run("triton", problem)
+    _run("triton", problem, scores=_random_scores(SHAPES["mixed"]))
+    assert len(launches) == 2, launches
+
+
+def test_step_nothing_selected_no_scores_is_a_no_op():
+    problem = make_problem(SHAPES["mixed"], density=0.0, seed=29)
+    out, _ = _run("triton", problem)
+    for p0, p in zip(problem.params, out.params):
+        assert torch.equal(p.cpu(), p0)
+
+
+# ---------------------------------------------------------------------------------------------
+# score_accumulate_
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES + [pytest.param(torch.float64, id="fp64")])
+def test_score_accumulate(dtype, mode):
+    shapes = SHAPES["mixed"]
+    g = torch.Generator().manual_seed(31)
+    grads = [torch.randn(s, generator=g).to(device=DEVICE, dtype=dtype) for s in shapes]
+    start = _random_scores(shapes, seed=37)
+    results = {}
+    for backend in ("reference", "triton"):
+        scores = [s.clone() for s in start]
+        with backends.use(backend):
+            fastmask.ops.score_accumulate_(scores, grads, mode)
+        results[backend] = scores
+    for t, (r, o) in enumerate(zip(results["reference"], results["triton"])):
+        assert_close(o.cpu(), r.cpu(), **FP32_TOL, what=f"scores[{t}]")
+        if r.numel():
+            assert not torch.equal(o, start[t]), f"scores[{t}] unchanged"
+
+
+def test_score_accumulate_mixed_dtypes():
+    """Gradients of different dtypes in one call (one launch per dtype)."""
+    shapes = [(9, 13), (5000,), (0, 3)]
+    dtypes = [torch.float16, torch.float32, torch.bfloat16]
+    g = torch.Generator().manual_seed(41)
+    grads = [torch.randn(s, generator=g).to(device=DEVICE, dtype=d) for s, d in zip(shapes, dtypes)]
+    start = _random_scores(shapes, seed=43)
+    ref, out = [s.clone() for s in start], [s.clone() for s in start]
+    with backends.use("reference"):
+        fastmask.ops.score_accumulate_(ref, grads, "fisher")
+    with backends.use("triton"):
+        fastmask.ops.score_accumulate_(out, grads, "fisher")
+    for t, (r, o) in enumerate(zip(ref, out)):
+        assert_close(o.cpu(), r.cpu(), **FP32_TOL, what=f"scores[{t}]")
+
+
+# ---------------------------------------------------------------------------------------------
+# MaskedAdamW through the triton backend
+# ---------------------------------------------------------------------------------------------
+def _train(backend, dtype, *, steps=50, lr=None, track_scores=None, amsgrad=False, maximize=False):
+    g = torch.Generator().manual_seed(47)
+    shapes = [(33, 17), (7,), (4, 250), (1,)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=g).to(device=DEVICE, dtype=dtype)) for s in shapes]
+    dense = torch.nn.Parameter(torch.randn(5, 3, generator=g).to(device=DEVICE, dtype=dtype))
+    masks = {p: random_indices(p.numel(), max(1, p.numel() // 10), g) for p in params}
+    initial = [p.detach().clone() for p in params]
+    opt = fastmask.optim.MaskedAdamW(
+        [{"params": params}, {"params": [dense], "weight_decay": 0.0}],
+        lr=1e-2 if lr is None else lr, weight_decay=0.05, amsgrad=amsgrad, maximize=maximize, masks=masks,
+        track_scores=track_scores,
+    )
+    with backends.use(backend):
+        for _ in range(steps):
+            for p in params + [dense]:
+                p.grad = torch.randn(p.shape, generator=g).to(device=DEVICE, dtype=dtype)
+            opt.step()
+    return params, initial, masks, opt
+
+
+@pytest.mark.parametrize("variant", [
+    pytest.param(dict(), id="plain"),
+    pytest.param(dict(amsgrad=True, maximize=True, track_scores="fisher"), id="amsgrad-maximize-scores"),
+    pytest.param(dict(lr="tensor", track_scores="grad"), id="tensor-lr-scores"),
+])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masked_adamw_50_steps(dtype, variant):
+    variant = dict(variant)
+    if variant.get("lr") == "tensor":
+        variant["lr"] = torch.tensor(1e-2, device=DEVICE)
+    ref_params, initial, ref_masks, ref_opt = _train("reference", dtype, **variant)
+    out_params, _, out_masks, out_opt = _train("triton", dtype, **variant)
+    for t, (r, o, p0, m) in enumerate(zip(ref_params, out_params, initial, ref_masks.values())):
+        assert_close(o.detach().cpu(), r.detach().cpu(), **tol(dtype), what=f"param {t} after 50 steps")
+        keep = torch.ones(p0.numel(), dtype=torch.bool)
+        keep[m.long()] = False
+        assert torch.equal(o.detach().cpu().reshape(-1)[keep], p0.cpu().reshape(-1)[keep]), \
+            f"param {t}: unselected entries changed"
+        assert not torch.equal(o.detach().cpu(), p0.cpu()), f"param {t} never changed"
+    for rp, op in zip(ref_params, out_params):
+        rs, os_ = ref_opt.state[rp], out_opt.state[op]
+        assert_close(os_["exp_avg"].cpu(), rs["exp_avg"].cpu(), **FP32_TOL, what="exp_avg")
+        assert_close(os_["exp_avg_sq"].cpu(), rs["exp_avg_sq"].cpu(), **FP32_TOL, what="exp_avg_sq")
+        assert torch.equal(os_["step"].cpu(), rs["step"].cpu())
+    if variant.get("track_scores"):
+        for rp, op in zip(ref_params, out_params):
+            assert_close(out_opt.state[op]["scores"].cpu(), ref_opt.state[rp]["scores"].cpu(), **FP32_TOL,
+                         what="tracked scores")
+
+
+# ---------------------------------------------------------------------------------------------
+# availability
+# ---------------------------------------------------------------------------------------------
+def test_why_not():
+    mod = backends.load("triton")
+    assert mod.why_not("cpu") is None  # the tests run under the interpreter (or on a GPU)
+    assert (mod.why_not("cuda") is None) == torch.cuda.is_available()
+    for other in ("mps", "xpu", "meta"):
+        reason = mod.why_not(other)
+        assert isinstance(reason, str) and other in reason
+    assert "triton" in backends.available(DEVICE) or DEVICE == "cpu"
+
+
+def test_why_not_cpu_without_interpreter(monkeypatch):
+    mod = backends.load("triton")
+    monkeypatch.setattr(sys.modules["fastmask.kernels._utils"], "INTERPRETED", False)
+    reason = mod.why_not("cpu")
+    assert isinstance(reason, str) and "TRITON_INTERPRET" in reason
+
+
+# The interpreter runs the kernels as Python and accepts code that the compiler rejects (types of
+# scalars, scoping of constexpr branches, int -> pointer casts). Compiling for a real GPU target
+# needs no GPU, only Triton's bundled ptxas, so do it in a fresh process without the interpreter.
+_COMPILE_SCRIPT = r"""
+import os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, sys.argv[1])
+import triton, triton.language as tl
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from fastmask import backends
+backends.load("triton")
+ma = sys.modules["fastmask.kernels.masked_adamw"]
+sa = sys.modules["fastmask.kernels.score_accumulate"]
+
+def build(fn, sig, consts):
+    signature = {name: sig.get(name, "constexpr") for name in fn.arg_names}
+    return triton.compile(ASTSource(fn, signature, consts), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": 4})
+
+ptrs = ("max_exp_avg_sq_ptr", "lr_ptr", "grad_scale_ptr", "found_inf_ptr")
+for pd, everything, fused, mode in [(tl.float32, False, False, 0), (tl.bfloat16, True, True, 2),
+                                    (tl.float16, True, False, 0), (tl.float32, True, True, 1)]:
+    sig = dict(table_ptr="*i64", n_tensors="i32", idx_ptr="*i32", exp_avg_ptr="*fp32",
+               exp_avg_sq_ptr="*fp32", steps_ptr="*fp32", lr="fp32", beta1="fp32", beta2="fp32",
+               log_beta1="fp32", log_beta2="fp32", eps="fp32", weight_decay="fp32", n_iter="i32")
+    consts = dict(P_DTYPE=pd, LR_ON_DEVICE=everything, AMSGRAD=everything, MAXIMIZE=everything,
+                  HAS_SCALE=everything, HAS_INF=everything, FUSED_SCORES=fused, SCORE_MODE=mode,
+                  BLOCK=1024, SBLOCK=256, T_PAD=32)
+    for p in ptrs:
+        if everything:
+            sig[p] = "*fp64" if p == "lr_ptr" else "*fp32"
+        else:
+            consts[p] = None
+    ptx = build(ma._masked_adamw_kernel, sig, consts).asm["ptx"]
+    assert "div.full" not in ptx and "sqrt.approx" not in ptx, "approximate div/sqrt in the step"
+for gd in (tl.float32, tl.bfloat16, tl.float64):
+    build(sa._score_accumulate_kernel, dict(table_ptr="*i64", n_tensors="i32"),
+          dict(G_DTYPE=gd, SCORE_MODE=2, BLOCK=1024, T_PAD=16))
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_a_gpu_target():
+    import os
+    import subprocess
+    from pathlib import Path
+
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except Exception as exc:  # pragma: no cover
+        pytest.skip(f"Triton's NVIDIA backend is not installed ({exc})")
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, str(root)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert run.returncode == 0 and "compiled" in run.stdout, run.stdout[-3000:] + run.stderr[-5000:]
