@@ -19,6 +19,13 @@ Switches (environment variables):
   a trailing ``+PTX`` also embeds PTX for the highest one.
 * ``MAX_JOBS``: parallel compile jobs (torch's BuildExtension honours it with ninja).
 * ``DEBUG=1``: ``-O0 -g`` (and ``-G`` for device code).
+* ``FASTMASK_LOCAL_VERSION=auto`` (set by ``scripts/build_wheel.sh``): a prebuilt wheel for the
+  torch used at build time: the version gets a local tag naming it (``0.1.0+pt213cpu``,
+  ``0.1.0+pt213cu130``), the torch requirement narrows to that minor release
+  (``torch>=2.13,<2.14``), the wheel is tagged ``cp310-abi3`` (the library uses no Python API),
+  and a build without the extension, or without the CUDA part next to a CUDA torch, fails instead
+  of producing a wheel that lacks what its name promises. Any other value is used as the local
+  tag as is. Unset: version ``0.1.0`` and ``torch>=2.7``.
 
 torch must be importable at build time: install with ``pip install --no-build-isolation``
 (scripts/setup.sh does), otherwise pip's isolated build environment pulls another torch and the
@@ -29,6 +36,7 @@ library built for another torch.
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -156,6 +164,37 @@ def _extensions():
     return [ext], {"build_ext": BuildExt.with_options(no_python_abi_suffix=True)}
 
 
+def _local_version(ext_modules) -> tuple[str | None, list[str]]:
+    """(local version tag, torch requirement) for a prebuilt wheel; (None, ["torch>=2.7"]) unless
+    FASTMASK_LOCAL_VERSION is set."""
+    mode = os.environ.get("FASTMASK_LOCAL_VERSION", "").strip()
+    if not mode:
+        return None, ["torch>=2.7"]
+    import torch
+
+    major, minor = (int(x) for x in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
+    requires = [f"torch>={major}.{minor},<{major}.{minor + 1}"]
+    if mode != "auto":
+        return mode, requires
+    if not ext_modules:
+        sys.exit("fastmask: FASTMASK_LOCAL_VERSION=auto builds a prebuilt wheel, but the extension is not "
+                 "being built (see the message above)")
+    cuda = torch.version.cuda
+    if cuda and "FASTMASK_WITH_CUDA" not in dict(ext_modules[0].define_macros) and not _env_flag("FASTMASK_SKIP_CUDA"):
+        sys.exit(f"fastmask: torch {torch.__version__} has CUDA {cuda} but the CUDA kernels are not being built "
+                 "(nvcc not found?); set FASTMASK_SKIP_CUDA=1 to build a wheel with the CPU kernels only")
+    return f"pt{major}{minor}" + ("cu" + cuda.replace(".", "") if cuda else "cpu"), requires
+
+
+def _version() -> str:
+    with open(os.path.join(HERE, "fastmask", "_version.py")) as f:
+        return re.search(r"__version__\s*=\s*[\"']([^\"']+)", f.read()).group(1)
+
+
 ext_modules, cmdclass = _extensions()
-setup(packages=packages, package_dir=package_dir, ext_modules=ext_modules, cmdclass=cmdclass,
-      package_data={"fastmask": [BUILD_INFO]})
+local, torch_requires = _local_version(ext_modules)
+setup(version=_version() + (f"+{local}" if local else ""),
+      install_requires=torch_requires + ["numpy", "safetensors>=0.4", "tqdm"],
+      packages=packages, package_dir=package_dir, ext_modules=ext_modules, cmdclass=cmdclass,
+      package_data={"fastmask": [BUILD_INFO]},
+      options={"bdist_wheel": {"py_limited_api": "cp310"}} if local and ext_modules else {})
