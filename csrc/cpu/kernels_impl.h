@@ -13,7 +13,10 @@
 // of threads.
 
 constexpr int64_t kTile = 256;           // entries per gather / maths / scatter round
-constexpr int64_t kPrefetch = 16;        // entries ahead whose lines are prefetched (16-24 measured best)
+#ifndef FASTMASK_PREFETCH
+#define FASTMASK_PREFETCH 64  // quiet 2-core EPYC: 64 beat 16 by ~13% at 1% density, equal at 10%
+#endif
+constexpr int64_t kPrefetch = FASTMASK_PREFETCH;  // entries ahead whose lines are prefetched
 constexpr int64_t kDenseChunk = 1 << 15; // dense elements per work item of the fused-score path
 
 template <ParamType PT>
