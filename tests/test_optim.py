@@ -34,6 +34,13 @@ def _compact_copy(params, masks):
     return [nn.Parameter(p.detach().reshape(-1)[masks[p].long()].clone()) for p in params]
 
 
+def _feed(params, compact, masks, step):
+    """Random gradients for ``params``, and the same gradients at the selected entries for ``compact``."""
+    for p, c, g in zip(params, compact, _grads(params, step)):
+        p.grad = g
+        c.grad = g.reshape(-1)[masks[p].long()].clone()
+
+
 def _unselected(p, idx):
     keep = torch.ones(p.numel(), dtype=torch.bool)
     keep[idx.long()] = False
@@ -55,9 +62,7 @@ def test_matches_adamw_on_selected_entries(amsgrad, maximize):
     ref = torch.optim.AdamW([{"params": compact[:2]}, {"params": compact[2:], "lr": 3e-3, "weight_decay": 0.0}],
                             lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, maximize=maximize, foreach=False)
     for step in range(200):
-        for p, c, g in zip(params, compact, _grads(params, step)):
-            p.grad = g
-            c.grad = g.reshape(-1)[masks[p].long()].clone()
+        _feed(params, compact, masks, step)
         opt.step()
         ref.step()
     for t, (p, c) in enumerate(zip(params, compact)):
@@ -113,9 +118,7 @@ def test_decay_unselected_reproduces_the_original(dtype):
     opt = MaskedAdamW(params, lr=lr, weight_decay=wd, masks=masks, decay_unselected=True)
     ref = torch.optim.AdamW(compact, lr=lr, weight_decay=wd, foreach=False)
     for step in range(steps):
-        for p, c, g in zip(params, compact, _grads(params, step)):
-            p.grad = g
-            c.grad = g.reshape(-1)[masks[p].long()].clone()
+        _feed(params, compact, masks, step)
         opt.step()
         ref.step()
         for e in expected:
@@ -290,9 +293,7 @@ def test_lr_scheduler_drives_masked_params():
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
     rsched = torch.optim.lr_scheduler.StepLR(ref, step_size=3, gamma=0.5)
     for step in range(10):
-        for p, c, g in zip(params, compact, _grads(params, step)):
-            p.grad = g
-            c.grad = g.reshape(-1)[masks[p].long()].clone()
+        _feed(params, compact, masks, step)
         opt.step()
         ref.step()
         sched.step()
