@@ -355,3 +355,62 @@ def test_other_cpu_isa_variants(isa):
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-4000:]
     if sys.platform.startswith("linux") and os.uname().machine == "x86_64":
         assert f"isa {isa}" in out.stdout, out.stdout
+
+
+_ISA_CASE = textwrap.dedent("""
+    import copy, sys, torch
+    from fastmask import backends, ops
+    from tests.utils import make_problem
+    out = {"isa": torch.ops.fastmask_ext.cpu_isa()}
+    # tails of every length, empty tensors, tensor boundaries inside a thread's range and inside a
+    # 16-entry block, a range split into sub-ranges shorter than a block
+    shapes = [(7,), (0,), (300, 33), (1,), (16,), (17,), (5000,), (31,), (70001,)]
+    for dtype in (torch.float32, torch.bfloat16):
+        for density in (0.01, 0.1, 0.5, 1.0):
+            for opts in ({}, {"amsgrad": True, "maximize": True, "scale": 4.0}, {"scores": "fisher"}):
+                pr = make_problem(shapes, dtype=dtype, density=density, seed=11)
+                gen = torch.Generator().manual_seed(12)
+                sc = [torch.randn(p.shape, generator=gen) for p in pr.params] if "scores" in opts else None
+                with backends.use("ext"):
+                    ops.masked_adamw_step_(
+                        pr.params, pr.grads, pr.idx, pr.exp_avg, pr.exp_avg_sq, pr.offsets, pr.steps, 3e-3, 0.9,
+                        0.999, 1e-8, 0.05, opts.get("maximize", False),
+                        max_exp_avg_sq=pr.max_exp_avg_sq if opts.get("amsgrad") else None,
+                        grad_scale=torch.tensor(opts["scale"]) if "scale" in opts else None,
+                        scores=sc, score_mode=opts.get("scores", "grad"))
+                out[(str(dtype), density, str(sorted(opts)))] = (pr.params, pr.exp_avg, pr.exp_avg_sq,
+                                                                 pr.max_exp_avg_sq, sc)
+    torch.save(out, sys.argv[1])
+""")
+
+
+@needs_ext
+def test_cpu_isa_variants_bit_identical(tmp_path):
+    """Every instruction-set variant (the AVX-512 one has its own gather/scatter step for fp32)
+    gives bit-identical parameters, state and scores: same IEEE operations in the same order."""
+    root = Path(fastmask.__file__).resolve().parent.parent
+    script = tmp_path / "case.py"
+    script.write_text("import fastmask._ext\nfastmask._ext.why_not('cpu')\n" + _ISA_CASE)
+    results = {}
+    for isa in ("native", "avx2", "default"):
+        env = {**os.environ, "PYTHONPATH": str(root)}
+        env.pop("FASTMASK_CPU_ISA", None)
+        if isa != "native":
+            env["FASTMASK_CPU_ISA"] = isa
+        path = tmp_path / f"{isa}.pt"
+        out = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, env=env,
+                             cwd=root)
+        assert out.returncode == 0, out.stderr[-4000:]
+        results[isa] = torch.load(path, weights_only=False)
+    native = results.pop("native")
+    assert len(native) > 1
+    for isa, res in results.items():
+        for key, want in native.items():
+            if key == "isa":
+                continue
+            got = res[key]
+            for name, a, b in zip(("params", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "scores"), got, want):
+                if isinstance(a, list):
+                    assert all(torch.equal(x, y) for x, y in zip(a, b)), f"{isa} vs {native['isa']}: {name} {key}"
+                elif a is not None:
+                    assert torch.equal(a, b), f"{isa} vs {native['isa']}: {name} {key}"

@@ -22,6 +22,10 @@ constexpr int64_t kDenseChunk = 1 << 15; // dense elements per work item of the 
 template <ParamType PT>
 using Storage = typename ParamTraits<PT>::storage;
 
+#if defined(FASTMASK_CPU_AVX512)
+#include "step_avx512.h"
+#endif
+
 template <ParamType PT, bool AMSGRAD>
 static void step_range(const StepArgs& a, const StepTensor& t, int64_t j0, int64_t j1) {
   using S = Storage<PT>;
@@ -93,6 +97,13 @@ static void step_no_scores(const StepArgs& a) {
     const int nth = omp_get_num_threads();
     const int64_t lo = k_total * tid / nth;
     const int64_t hi = k_total * (tid + 1) / nth;
+#if defined(FASTMASK_CPU_AVX512)
+    if (PT == ParamType::kFloat32 && lo < hi) {
+      int64_t t0 = 0;
+      while (a.tensors[t0].k_end <= lo) ++t0;
+      avx512::step_streams<AMSGRAD, avx512::kStreams>(a, t0, lo, hi);
+    } else
+#endif
     for (int64_t t = 0; t < a.num_tensors && lo < hi; ++t) {
       const StepTensor& ten = a.tensors[t];
       const int64_t j0 = ten.k_begin > lo ? ten.k_begin : lo;
@@ -125,7 +136,14 @@ static void step_with_scores(const StepArgs& a) {
     const int64_t ks = ten.k_end - ten.k_begin;
     const int64_t j0 = std::lower_bound(seg, seg + ks, static_cast<int32_t>(lo)) - seg;
     const int64_t j1 = hi >= ten.numel ? ks : std::lower_bound(seg + j0, seg + ks, static_cast<int32_t>(hi)) - seg;
-    if (j0 < j1) step_range<PT, AMSGRAD>(a, ten, ten.k_begin + j0, ten.k_begin + j1);
+    if (j0 >= j1) continue;
+#if defined(FASTMASK_CPU_AVX512)
+    if (PT == ParamType::kFloat32) {
+      avx512::step_streams<AMSGRAD, 1>(a, t, ten.k_begin + j0, ten.k_begin + j1);
+      continue;
+    }
+#endif
+    step_range<PT, AMSGRAD>(a, ten, ten.k_begin + j0, ten.k_begin + j1);
   }
 }
 
