@@ -101,7 +101,10 @@ static void step_no_scores(const StepArgs& a) {
     if (PT == ParamType::kFloat32 && lo < hi) {
       int64_t t0 = 0;
       while (a.tensors[t0].k_end <= lo) ++t0;
-      avx512::step_streams<AMSGRAD, avx512::kStreams>(a, t0, lo, hi);
+      if (avx512::use_two_streams(a))
+        avx512::step_streams<AMSGRAD, 2>(a, t0, lo, hi);
+      else
+        avx512::step_streams<AMSGRAD, 1>(a, t0, lo, hi);
     } else
 #endif
     for (int64_t t = 0; t < a.num_tensors && lo < hi; ++t) {

@@ -5,15 +5,17 @@
 // apart (10% -> ~10, 1% -> ~100), so the step is bound by how many 64 B lines of p and g can be
 // in flight, not by arithmetic. What the measurements on a 2-core Zen 4 showed (bench/RESULTS.md):
 //   * each touched line of p and g is prefetched once (duplicates within a block dropped), into
-//     L2 (prefetcht1), ~128 entries ahead. Into L1 (t0) it is 1.5-2x slower: the few L1 miss
-//     buffers fill up and the prefetched lines are evicted again before use;
-//   * a thread advances 3 sub-ranges of its entries in turn (3 independent line streams): ~10%
-//     faster than one at 10% density;
+//     L2 (prefetcht1), 128 entries ahead (64 and 256 are within noise of it). Into L1 (t0) it is
+//     1.5-2x slower: the few L1 miss buffers fill up and lines are evicted again before use;
+//   * at densities of a few percent and more, a thread advances 2 sub-ranges of its entries in
+//     turn (2 independent line streams): ~5-10% faster than one at 10% density; at 1% one stream
+//     is ~10% faster than two (and 3 streams are slower than 2 at both);
 //   * a block of 16 entries is one vgatherdps for p, one for g, contiguous (masked) loads of
 //     exp_avg/exp_avg_sq, the maths in 16 lanes and one vscatterdps: several times fewer
 //     instructions per entry than the scalar gather/scatter tiles of kernels_impl.h.
-// Together: 2x the scalar tiles at 1% and 10% density; at 10% the step then moves its bytes at
-// about the speed of a plain 2-read-1-write stream over p and g.
+// Together: ~1.5x the scalar tiles at 1% and 10% density. At 10% the step then takes about as long
+// as touching the same lines with plain vector loads/stores plus streaming the compact arrays
+// (what bounds it: lines with gaps between them arrive at ~80% of a dense stream's bandwidth).
 // The maths is adamw_entry (adamw_math.h) written with intrinsics: the same IEEE operations in the
 // same order (no reciprocal approximations, no fusion beyond adamw_entry's explicit fmas), so the
 // results are bit-identical to the other variants' (tests/test_ext.py checks it).
@@ -25,14 +27,11 @@
 #ifndef FASTMASK_LINE_PREFETCH
 #define FASTMASK_LINE_PREFETCH 128
 #endif
-#ifndef FASTMASK_STREAMS
-#define FASTMASK_STREAMS 3
-#endif
 
 namespace avx512 {
 
 constexpr int64_t kLinePrefetch = FASTMASK_LINE_PREFETCH;  // entries ahead whose lines go to L2
-constexpr int kStreams = FASTMASK_STREAMS;                   // sub-ranges advanced in turn per thread
+constexpr double kTwoStreamDensity = 0.03;  // at or above: two streams per thread (see above)
 
 static inline __mmask16 lanes(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
@@ -160,9 +159,15 @@ struct Stream {
   }
 };
 
+static inline bool use_two_streams(const StepArgs& a) {
+  int64_t numel = 0;
+  for (int64_t t = 0; t < a.num_tensors; ++t) numel += a.tensors[t].numel;
+  const int64_t k_total = a.tensors[a.num_tensors - 1].k_end;
+  return static_cast<double>(k_total) >= kTwoStreamDensity * static_cast<double>(numel);
+}
+
 // Entries [lo, hi) (t0: the tensor holding entry lo) as S streams over consecutive sub-ranges,
-// advanced a block each in turn: more independent streams of lines in flight per core (measured
-// ~10% faster than one at 10% density on a 2-core Zen 4, where the step is bandwidth-bound).
+// advanced a block each in turn (more independent streams of lines in flight per core).
 template <bool AMSGRAD, int S>
 static void step_streams(const StepArgs& a, int64_t t0, int64_t lo, int64_t hi) {
   const VecConsts c(a);
