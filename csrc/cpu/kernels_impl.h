@@ -93,6 +93,9 @@ static void step_no_scores(const StepArgs& a) {
   if (k_total == 0) return;
   // Small problems: one thread (a parallel region costs more than it saves).
   const int nt = k_total < 4096 ? 1 : a.num_threads;
+#if defined(FASTMASK_CPU_AVX512)
+  const bool two_streams = avx512::use_two_streams(a);
+#endif
 #pragma omp parallel num_threads(nt)
   {
     const int tid = omp_get_thread_num();
@@ -103,7 +106,7 @@ static void step_no_scores(const StepArgs& a) {
     if (PT == ParamType::kFloat32 && lo < hi) {
       int64_t t0 = 0;
       while (a.tensors[t0].k_end <= lo) ++t0;
-      if (avx512::use_two_streams(a))
+      if (two_streams)
         avx512::step_streams<AMSGRAD, 2>(a, t0, lo, hi);
       else
         avx512::step_streams<AMSGRAD, 1>(a, t0, lo, hi);
