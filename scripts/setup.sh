@@ -14,7 +14,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
 fi
 pip() { "$VENV/bin/python" -m pip "$@"; }
-pip install -q --disable-pip-version-check -c "$CONSTRAINTS" "setuptools>=70" wheel
+pip install -q --disable-pip-version-check -c "$CONSTRAINTS" "setuptools>=77" wheel
 torch_pin=$(grep -E '^torch==' "$CONSTRAINTS")
 # Pin torch explicitly in every install step; the constraints file pins what depends on it.
 pip install -q --disable-pip-version-check -c "$CONSTRAINTS" "$torch_pin"
