@@ -108,6 +108,43 @@ def options(config) -> Options:
     return config._fastmask_bench
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, config):
+    """After pytest-benchmark's timing table: the masked step's ratios against the dense baselines
+    of the same run (interleaved cases when present) and the speed bars, as `bench.report` writes
+    them into RESULTS.md."""
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or getattr(session, "disabled", False) or not session.benchmarks:
+        return
+    from bench import report
+
+    dicts = [b.as_dict(include_data=False) for b in session.benchmarks]
+    rows = report.masked_step_rows(dicts, paired=True)
+    source = "interleaved runs"
+    if not rows:
+        rows, source = report.masked_step_rows(dicts), "separate cases"
+    if not rows:
+        return
+    tr = terminalreporter
+    tr.section(f"fastmask: masked step vs the dense baselines ({source}; time ratios, higher = fastmask faster)")
+    tr.write_line(f"{'device':6} {'dtype':5} {'shapes':7} {'mask':7} {'density':>7} {'best':>9} {'ms':>8} "
+                  f"{'x fused':>8} {'x foreach':>9} {'x original':>10} {'x reference':>11} {'% fused BW':>10}")
+    for r in rows:
+        tr.write_line(
+            f"{r['device']:6} {r['dtype']:5} {r['shape_set']:7} {r['mask']:7} {r['density']:>7g} {r['best']:>9} "
+            f"{1e3 * r['t_best']:8.3f} {report._x(r['t_best'], r['t_fused']):>8} "
+            f"{report._x(r['t_best'], r['t_foreach']):>9} {report._x(r['t_best'], r['t_original']):>10} "
+            f"{report._x(r['t_best'], r['t_reference']):>11} {report._fmt(r['bw_pct'], 0):>9}%")
+    bars = report.bars_section(rows)
+    if len(bars) > 2:
+        tr.write_line("")
+        for line in bars:
+            tr.write_line(line)
+    tr.write_line("")
+    tr.write_line("Report and plot: add --benchmark-json=bench/results-cpu.json, then python -m bench.report "
+                  "bench/results-cpu.json")
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     """Machine description stored in the JSON (read by bench.report)."""
     info = common.machine_info()
