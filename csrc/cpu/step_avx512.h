@@ -38,7 +38,9 @@ static inline __mmask16 lanes(int64_t n) {
 }
 
 // Walks the compact entries [k, end) of a thread's range, tensor by tensor, ahead of the step and
-// prefetches each 64 B line of p and g that holds a selected entry, once.
+// prefetches each 64 B line of p that holds a selected entry, and that entry's line of g, once.
+// Lines are found from absolute addresses, so a param that is a view not aligned to 64 B is
+// covered too (its gradient's lines are then those of each line's first entry).
 class LinePrefetcher {
  public:
   LinePrefetcher(const StepArgs& a, int64_t t, int64_t k, int64_t end) : a_(a), t_(t), k_(k), end_(end) {}
@@ -55,25 +57,26 @@ class LinePrefetcher {
       int64_t n = target - k_;
       if (n > 16) n = 16;
       if (n > ten.k_end - k_) n = ten.k_end - k_;
-      block(static_cast<const char*>(ten.param), static_cast<const char*>(ten.grad), a_.idx + k_, n);
+      block(static_cast<const float*>(ten.param), static_cast<const float*>(ten.grad), a_.idx + k_, n);
       k_ += n;
     }
   }
 
  private:
-  inline void block(const char* P, const char* G, const int32_t* ix, int64_t n) {
+  inline void block(const float* P, const float* G, const int32_t* ix, int64_t n) {
     const __mmask16 m = lanes(n);
-    const __m512i line = _mm512_srli_epi32(_mm512_maskz_loadu_epi32(m, ix), 4);  // 16 fp32 per line
+    const int32_t phase = static_cast<int32_t>((reinterpret_cast<uintptr_t>(P) >> 2) & 15);  // fp32 in its line
+    const __m512i q = _mm512_maskz_loadu_epi32(m, ix);
+    const __m512i line = _mm512_srli_epi32(_mm512_add_epi32(q, _mm512_set1_epi32(phase)), 4);  // unsigned: no overflow
     const __m512i prev = _mm512_alignr_epi32(line, _mm512_set1_epi32(last_), 15);
     const __mmask16 fresh = _mm512_mask_cmpneq_epi32_mask(m, line, prev);
-    last_ = ix[n - 1] >> 4;
-    alignas(64) int32_t lines[16];
-    _mm512_store_si512(lines, _mm512_maskz_compress_epi32(fresh, line));
+    last_ = static_cast<int32_t>((static_cast<uint32_t>(ix[n - 1]) + static_cast<uint32_t>(phase)) >> 4);
+    alignas(64) int32_t first[16];  // the first entry of each new line
+    _mm512_store_si512(first, _mm512_maskz_compress_epi32(fresh, q));
     const int count = __builtin_popcount(static_cast<unsigned>(fresh));
     for (int u = 0; u < count; ++u) {
-      const int64_t off = static_cast<int64_t>(lines[u]) << 6;
-      _mm_prefetch(P + off, _MM_HINT_T1);
-      _mm_prefetch(G + off, _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(P + first[u]), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(G + first[u]), _MM_HINT_T1);
     }
   }
 
