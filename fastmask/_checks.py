@@ -22,8 +22,8 @@ def check_indices(idx: torch.Tensor, numel: int, what: str) -> None:
         raise TypeError(f"{what}: indices must have an integer dtype, got {idx.dtype}")
     if idx.dim() != 1:
         raise ValueError(f"{what}: indices must be 1-D flat indices, got shape {tuple(idx.shape)}")
-    if idx.numel() == 0:
-        return
+    if idx.numel() == 0 or idx.device.type == "meta":
+        return  # meta tensors have no values to check (deferred init); their real copies are checked
     lo, hi = idx.min().item(), idx.max().item()
     if lo < 0 or hi >= numel:
         raise IndexError(

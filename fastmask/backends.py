@@ -5,8 +5,14 @@ A backend is a module that defines the op kernels with the schemas' signatures
 reason it cannot serve tensors of that device type (``None`` when it can). Backends are imported
 lazily, the first time one is asked for; an import failure becomes its reason.
 
-Dispatch, per device type, takes the first available backend in :data:`PREFERENCE`; the
-``reference`` backend runs anywhere and closes every list. ``FASTMASK_BACKEND=<name>`` (or the
+A backend may also define ``why_not_call(param_dtype, contiguous) -> str | None``: why it cannot
+serve a masked step on params of that dtype and layout (the compiled kernels take contiguous
+float32/bfloat16/float16 params and grads; the reference takes every real floating dtype and any
+strided layout).
+
+Dispatch, per device type and call (:class:`Call`), takes the first available backend in
+:data:`PREFERENCE` that can serve the call; the ``reference`` backend runs anywhere, on anything,
+and closes every list. ``FASTMASK_BACKEND=<name>`` (or the
 :func:`use` context manager) forces one backend; if it cannot serve the call, the call raises
 with its reason rather than silently running something else.
 """
@@ -18,10 +24,11 @@ import importlib
 import importlib.util
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["register", "names", "load", "why_not", "available", "forced", "pick", "resolve", "use", "report", "PREFERENCE"]
+__all__ = ["Call", "register", "names", "load", "why_not", "available", "forced", "pick", "resolve", "use", "report", "PREFERENCE"]
 
 #: Backend name -> module implementing it.
 _MODULES: dict[str, str] = {
@@ -38,6 +45,14 @@ PREFERENCE: dict[str, list[str]] = {
 }
 
 _loaded: dict[str, ModuleType | BaseException] = {}
+
+
+@dataclass(frozen=True)
+class Call:
+    """What one op call needs from a backend beyond its device type."""
+
+    dtype: object = None  # param dtype (torch.dtype)
+    contiguous: bool = True  # params and grads all contiguous
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastmask_backend", default=None)
 ENV_VAR = "FASTMASK_BACKEND"
 
@@ -117,6 +132,15 @@ def why_not(name: str, device_type: str) -> str | None:
     return mod.why_not(device_type)
 
 
+def why_not_call(name: str, device_type: str, call: Call | None) -> str | None:
+    """Why backend ``name`` cannot serve ``call`` on ``device_type`` (``None``: it can)."""
+    reason = why_not(name, device_type)
+    if reason is not None or call is None or call.dtype is None:
+        return reason
+    check = getattr(_loaded[name], "why_not_call", None)
+    return None if check is None else check(call.dtype, call.contiguous)
+
+
 def available(device_type: str) -> list[str]:
     """Backends that can serve ``device_type``, in preference order."""
     return [n for n in _order(device_type) if why_not(n, device_type) is None]
@@ -130,26 +154,27 @@ def forced() -> str | None:
     return name
 
 
-def pick(device_type: str) -> str:
-    """The name of the backend that serves an op call on ``device_type``."""
+def pick(device_type: str, call: Call | None = None) -> str:
+    """The name of the backend that serves an op call on ``device_type`` (and ``call``'s needs)."""
     name = forced()
     if name is not None:
-        reason = why_not(name, device_type)
+        reason = why_not_call(name, device_type, call)
         if reason is not None:
-            raise RuntimeError(f"fastmask backend {name!r} was forced but cannot run on {device_type} tensors: {reason}")
+            raise RuntimeError(f"fastmask backend {name!r} was forced but cannot run this call on {device_type} "
+                               f"tensors: {reason}")
         return name
     reasons = []
     for n in _order(device_type):
-        reason = why_not(n, device_type)
+        reason = why_not_call(n, device_type, call)
         if reason is None:
             return n
         reasons.append(f"{n}: {reason}")
     raise RuntimeError(f"no fastmask backend can run on {device_type} tensors:\n  " + "\n  ".join(reasons))
 
 
-def resolve(device_type: str) -> ModuleType:
-    """The backend module that serves an op call on ``device_type``."""
-    return _loaded[pick(device_type)]  # type: ignore[return-value]
+def resolve(device_type: str, call: Call | None = None) -> ModuleType:
+    """The backend module that serves an op call on ``device_type`` (and ``call``'s needs)."""
+    return _loaded[pick(device_type, call)]  # type: ignore[return-value]
 
 
 @contextlib.contextmanager
@@ -162,6 +187,20 @@ def use(name: str):
         yield
     finally:
         _forced.reset(token)
+
+
+def _call_limits(name: str) -> str:
+    """What masked-step calls backend ``name`` leaves to the next one ('' if it takes them all)."""
+    import torch
+
+    check = getattr(_loaded[name], "why_not_call", None)
+    if check is None:
+        return "masked step on every real floating dtype and layout"
+    taken = [str(d).replace("torch.", "") for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+             if check(d, True) is None]
+    strided = check(torch.float32, False) is None
+    return (f"masked step on {'/'.join(taken) or 'no'} params, {'any layout' if strided else 'contiguous only'}; "
+            "other calls fall through to the next backend")
 
 
 def report(device_types: tuple[str, ...] = ("cpu", "cuda")) -> str:
@@ -181,7 +220,11 @@ def report(device_types: tuple[str, ...] = ("cpu", "cuda")) -> str:
         lines.append(f"{device_type}: dispatches to {chosen}{absent}")
         for n in _MODULES:
             reason = why_not(n, device_type)
-            lines.append(f"  {n:<10} {'ok' if reason is None else 'unavailable: ' + reason}")
+            if reason is None:
+                limits = _call_limits(n)
+                lines.append(f"  {n:<10} ok{': ' + limits if limits else ''}")
+            else:
+                lines.append(f"  {n:<10} unavailable: {reason}")
     name = forced()
     if name:
         lines.append(f"forced: {name}")

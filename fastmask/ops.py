@@ -22,13 +22,22 @@ import torch
 from . import backends
 from ._checks import check_segments
 
-__all__ = ["masked_adamw_step_", "score_accumulate_", "SCORE_MODES", "PARAM_DTYPES"]
+__all__ = ["masked_adamw_step_", "score_accumulate_", "check_masked_adamw_step_", "state_dtype",
+           "SCORE_MODES", "PARAM_DTYPES"]
 
 #: Statistics ``score_accumulate_`` can add per entry: the signed gradient (the paper's score,
 #: whose magnitude is taken at the end), its magnitude, or its square (empirical Fisher).
 SCORE_MODES = ("grad", "abs", "fisher")
-#: Parameter dtypes the kernels accept; optimizer state and arithmetic are always fp32.
+#: Parameter dtypes the compiled kernels (C++, CUDA, Triton) take; their state and arithmetic are
+#: fp32. The op itself takes every real floating dtype and any strided layout: calls the compiled
+#: kernels cannot serve (float64, strided views, channels_last, ...) go to the reference backend.
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """dtype of the compact optimizer state (and of the per-entry maths) for params of a dtype:
+    float64 for float64 params (as torch.optim.AdamW keeps it), float32 for every other one."""
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
 
 _lib = torch.library.Library("fastmask", "DEF")
 _lib.define(
@@ -74,12 +83,13 @@ def _check_step_args(
     for t, (p, g) in enumerate(zip(params, grads)):
         if p.device != device:
             raise ValueError(f"params[{t}]: all params must be on one device; found {p.device} and {device}")
-        if p.dtype not in PARAM_DTYPES:
-            raise TypeError(f"params[{t}]: dtype {p.dtype} is not supported; expected one of {PARAM_DTYPES}")
+        if p.layout != torch.strided:
+            raise TypeError(f"params[{t}]: expected a strided (dense) tensor, got layout {p.layout}")
+        if not p.is_floating_point():
+            raise TypeError(f"params[{t}]: dtype {p.dtype} is not supported; expected a real floating dtype "
+                            "(step complex params through torch.view_as_real)")
         if p.dtype != dtype:
             raise TypeError(f"params[{t}]: all params of one call must share a dtype; found {p.dtype} and {dtype}")
-        if not p.is_contiguous():
-            raise ValueError(f"params[{t}]: must be contiguous (flat indices address its storage)")
         if g.layout != torch.strided:
             raise TypeError(f"grads[{t}]: sparse gradients are not supported (layout {g.layout})")
         if g.shape != p.shape:
@@ -88,8 +98,6 @@ def _check_step_args(
             raise TypeError(
                 f"grads[{t}]: expected {p.dtype} on {device} like params[{t}], got {g.dtype} on {g.device}"
             )
-        if not g.is_contiguous():
-            raise ValueError(f"grads[{t}]: must be contiguous")
         if scores:
             s = scores[t]
             if s.shape != p.shape or s.dtype != torch.float32 or s.device != device or not s.is_contiguous():
@@ -111,12 +119,13 @@ def _check_step_args(
             raise ValueError(f"offsets: must be non-decreasing, got {list(offsets)}")
         if k > params[t].numel():
             raise ValueError(f"offsets: segment {t} holds {k} indices but params[{t}] has {params[t].numel()} entries")
+    sdt = state_dtype(dtype) if n else torch.float32
     for name, st in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("max_exp_avg_sq", max_exp_avg_sq)):
         if st is None:
             continue
-        if st.dtype != torch.float32 or st.shape != (k_total,) or st.device != device or not st.is_contiguous():
+        if st.dtype != sdt or st.shape != (k_total,) or st.device != device or not st.is_contiguous():
             raise ValueError(
-                f"{name}: expected a contiguous float32 tensor of shape ({k_total},) on {device}, "
+                f"{name}: expected a contiguous {sdt} tensor of shape ({k_total},) on {device}, "
                 f"got {st.dtype} {tuple(st.shape)} on {st.device}"
             )
     if steps.dtype != torch.float32 or steps.shape != (n,) or steps.device != device:
@@ -147,6 +156,12 @@ class _IndexCheckCache:
         self._entries.pop(key, None)
 
     def check(self, idx: torch.Tensor, offsets: Sequence[int], numels: list[int]) -> None:
+        if idx.device.type == "meta":
+            return  # no values to read (a deferred-init model); the real buffers are checked later
+        if idx.is_inference():
+            # Made under torch.inference_mode(): no version counter to key a cache on; check each call.
+            check_segments(idx, list(offsets), numels, "idx")
+            return
         base = idx._base if idx._base is not None else idx
         key = id(base)
         version = idx._version
@@ -198,11 +213,38 @@ def _masked_adamw_step_impl(
     if not params:
         return
     _index_checks.check(idx, offsets, [p.numel() for p in params])
-    backends.resolve(params[0].device.type).masked_adamw_step_(*args)
+    backends.resolve(params[0].device.type, _call_features(params, grads)).masked_adamw_step_(*args)
     mutated = [*params, exp_avg, exp_avg_sq, *scores]
     if max_exp_avg_sq is not None:
         mutated.append(max_exp_avg_sq)
     _bump_versions(mutated)
+
+
+def _call_features(params, grads) -> backends.Call:
+    """What a backend must support to serve a masked step on these tensors."""
+    return backends.Call(
+        dtype=params[0].dtype,
+        contiguous=all(p.is_contiguous() for p in params) and all(g.is_contiguous() for g in grads),
+    )
+
+
+def check_masked_adamw_step_(
+    params, grads, idx, exp_avg, exp_avg_sq, offsets, steps, lr, beta1, beta2, eps, weight_decay,
+    maximize, *, max_exp_avg_sq=None, grad_scale=None, found_inf=None, scores=None, score_mode="grad",
+) -> None:
+    """Every check :func:`masked_adamw_step_` makes (index contents included, cached like the
+    op's), without stepping: a caller that makes several calls validates them all first, so that
+    an error leaves every tensor as it was. Also picks the backend, so an unavailable forced one
+    is reported here."""
+    if not isinstance(lr, torch.Tensor):
+        lr = torch.tensor(float(lr), dtype=torch.float64)
+    params, grads = list(params), list(grads)
+    _check_step_args(params, grads, idx, exp_avg, exp_avg_sq, [int(o) for o in offsets], steps, lr,
+                     float(beta1), float(beta2), float(eps), float(weight_decay), bool(maximize),
+                     max_exp_avg_sq, grad_scale, found_inf, list(scores or []), score_mode)
+    if params:
+        _index_checks.check(idx, offsets, [p.numel() for p in params])
+        backends.pick(params[0].device.type, _call_features(params, grads))
 
 
 def _score_accumulate_impl(scores, grads, score_mode) -> None:
@@ -217,7 +259,8 @@ def _bump_versions(tensors: list[torch.Tensor]) -> None:
     # Compiled backends write through raw pointers; bump the version counters of what the op
     # mutates, as torch's in-place ops do, so autograd still detects a tensor saved for backward
     # and modified afterwards (and the index check cache sees writes).
-    torch.autograd.graph.increment_version(tensors)
+    # Tensors made under torch.inference_mode() have no version counter.
+    torch.autograd.graph.increment_version([t for t in tensors if not t.is_inference()])
 
 
 _lib.impl("masked_adamw_step_", _masked_adamw_step_impl, "CompositeExplicitAutograd")
@@ -276,6 +319,10 @@ def masked_adamw_step_(
         params[t][i] = p - lr / (1 - beta1**s) * m / (sqrt(v') / sqrt(1 - beta2**s) + eps)
 
     These are ``torch.optim.AdamW``'s maths. Entries not in ``idx`` are never read or written.
+    Params may have any real floating dtype and any strided layout (flat indices are positions in
+    ``param.reshape(-1)``, the row-major order of its shape); state is float32, or float64 for
+    float64 params (:func:`state_dtype`). The compiled backends serve float32/bfloat16/float16
+    params whose params and grads are contiguous; other calls go to the reference backend.
     If ``found_inf`` is given and non-zero, nothing changes (GradScaler's skipped step), without a
     host sync. If ``scores`` is given (one float32 tensor per param, full shape), every entry's
     gradient statistic (after unscaling, before ``maximize``) is also added to it in the same pass,

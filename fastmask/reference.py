@@ -35,6 +35,27 @@ def score_accumulate_(scores: list[torch.Tensor], grads: list[torch.Tensor], mod
         _accumulate(score, grad, mode, None, None)
 
 
+def _flat(t: torch.Tensor, sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 1-D view over ``t``'s memory and the positions in it of ``t``'s logical flat entries
+    ``sel`` (positions in ``t.reshape(-1)``), for any strided layout.
+
+    Contiguous tensors take ``sel`` as it is. Otherwise the positions come from the strides, so
+    they can only be trusted for in-range entries: those are checked here (one read of ``sel``;
+    this is the slow path), so nothing outside ``t`` is ever addressed.
+    """
+    if t.is_contiguous():
+        return t.view(-1), sel
+    n = t.numel()
+    if sel.numel() and (int(sel.min()) < 0 or int(sel.max()) >= n):
+        raise IndexError(f"idx: index out of range for a tensor of {n} entries")
+    rem, pos = sel.long(), torch.zeros(sel.shape, dtype=torch.int64, device=sel.device)
+    for size, stride in zip(reversed(t.shape), reversed(t.stride())):
+        pos += (rem % size) * stride
+        rem = rem // size
+    span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride())) if n else 0
+    return t.as_strided((span,), (1,)), pos
+
+
 def _expand(per_tensor: torch.Tensor, counts: list[int]) -> torch.Tensor:
     # One value per entry, without copying `counts` to the device (repeat_interleave would).
     return torch.cat([per_tensor[t].expand(c) for t, c in enumerate(counts)])
@@ -53,10 +74,14 @@ def masked_adamw_step_(
     counts = [offsets[t + 1] - offsets[t] for t in range(len(params))]
     sel = [idx[offsets[t] : offsets[t + 1]] for t in range(len(params))]
 
+    # fp32 maths (fp64 for fp64 params), as the state.
+    wdt = exp_avg.dtype
     # index_select takes the int32 indices as they are (advanced indexing with .long() is far
-    # slower on the CPU).
-    p_old = torch.cat([torch.index_select(p.view(-1), 0, s) for p, s in zip(params, sel)]).float()
-    g = torch.cat([torch.index_select(gr.view(-1), 0, s) for gr, s in zip(grads, sel)]).float()
+    # slower on the CPU). Every gather runs before anything is written: a bad index raises first.
+    p_flat = [_flat(p, s) for p, s in zip(params, sel)]
+    g_flat = [_flat(gr, s) for gr, s in zip(grads, sel)]
+    p_old = torch.cat([torch.index_select(v, 0, s) for v, s in p_flat]).to(wdt)
+    g = torch.cat([torch.index_select(v, 0, s) for v, s in g_flat]).to(wdt)
     if grad_scale is not None:
         g = g / grad_scale.reshape(())
     if maximize:
@@ -68,9 +93,9 @@ def masked_adamw_step_(
     steps64, lr64 = steps.to(wide), lr.reshape(()).to(wide)
     bias_correction1 = 1 - torch.pow(beta1, steps64)
     bias_correction2_sqrt = (1 - torch.pow(beta2, steps64)).sqrt()
-    neg_step_size = _expand((-lr64 / bias_correction1).float(), counts)
-    bias_correction2_sqrt = _expand(bias_correction2_sqrt.float(), counts)
-    decay = (1 - lr64 * weight_decay).float()
+    neg_step_size = _expand((-lr64 / bias_correction1).to(wdt), counts)
+    bias_correction2_sqrt = _expand(bias_correction2_sqrt.to(wdt), counts)
+    decay = (1 - lr64 * weight_decay).to(wdt)
 
     p = p_old * decay
     m = exp_avg.lerp(g, 1 - beta1)
@@ -94,5 +119,5 @@ def masked_adamw_step_(
     exp_avg_sq.copy_(v)
     if max_exp_avg_sq is not None:
         max_exp_avg_sq.copy_(v_max)
-    for t, (param, s) in enumerate(zip(params, sel)):
-        param.view(-1).index_copy_(0, s.long(), p[offsets[t] : offsets[t + 1]].to(param.dtype))
+    for t, (param, (view, s)) in enumerate(zip(params, p_flat)):
+        view.index_copy_(0, s.long(), p[offsets[t] : offsets[t + 1]].to(param.dtype))

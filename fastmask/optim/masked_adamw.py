@@ -2,19 +2,28 @@
 
 State layout. The masked parameters of one param group are bucketed by (device, dtype). A bucket
 owns flat buffers laid out back to back over its tensors (the compact layout of
-:mod:`fastmask.ops`): ``idx`` (int32), ``exp_avg`` and ``exp_avg_sq`` (fp32, one entry per
-selected entry), one fp32 step count per tensor, and the host list of segment offsets. Each masked
-parameter's ``optimizer.state[p]`` holds *views* into these buffers, so ``state_dict()`` looks
-like ``torch.optim.AdamW``'s (plus ``mask_indices``), and a step over a bucket is one op call.
+:mod:`fastmask.ops`): ``idx`` (int32 mask indices), ``exp_avg`` and ``exp_avg_sq`` (one entry per
+selected entry; float32, float64 for float64/complex128 params), one float32 step count per
+tensor, and the host list of segment offsets. Each masked parameter's ``optimizer.state[p]``
+holds *views* into these buffers, so ``state_dict()`` looks like ``torch.optim.AdamW``'s (plus
+``mask_indices`` and ``param_shape``, all tensors), and a step over a bucket is one op call.
+Complex parameters are stepped as ``torch.view_as_real`` (as AdamW does): their compact state has
+two real entries (real, imaginary) per selected entry.
 
-Parameters without a mask are updated densely by PyTorch's fused AdamW (foreach where fused is
-unavailable), with the same maths.
+Parameters without a mask are updated densely by :func:`torch.optim.adam.adam` with the group's
+``foreach``/``fused``/``capturable`` flags, exactly as ``torch.optim.AdamW`` with those flags
+would, except that ``fused=True`` is used only where the fused kernel is correct (params, grads
+and state of one layout without gaps); other params of that group take torch's non-fused default.
+
+Every step is validated as a whole before anything is written: a step that raises leaves
+parameters and state as they were (likewise :meth:`MaskedAdamW.load_state_dict` and
+:meth:`MaskedAdamW.set_masks`).
 """
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -35,13 +44,16 @@ class _Bucket:
 
     group: int
     params: list[nn.Parameter]
-    offsets: list[int]  # host, len(params) + 1
-    idx: torch.Tensor  # int32 [K]
-    exp_avg: torch.Tensor  # fp32 [K]
-    exp_avg_sq: torch.Tensor  # fp32 [K]
-    max_exp_avg_sq: torch.Tensor | None  # fp32 [K], amsgrad only
+    offsets: list[int]  # host, len(params) + 1, in kernel entries (2 per selected entry if complex)
+    mask_offsets: list[int]  # host, len(params) + 1, in selected entries
+    idx: torch.Tensor  # int32 [K]: the masks (flat indices into each param)
+    kidx: torch.Tensor  # int32 [K or 2K]: what the op steps (idx, or 2i, 2i+1 for complex params)
+    exp_avg: torch.Tensor  # [K or 2K]
+    exp_avg_sq: torch.Tensor
+    max_exp_avg_sq: torch.Tensor | None  # amsgrad only
     steps: torch.Tensor  # fp32 [T], on the params' device
     scores: list[torch.Tensor] | None  # fp32 full shape, track_scores only
+    is_complex: bool = False
 
 
 def _runs(flags: list[bool]) -> list[tuple[int, int]]:
@@ -56,16 +68,54 @@ def _runs(flags: list[bool]) -> list[tuple[int, int]]:
     return out
 
 
+def _real(t: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _real_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.empty(0, dtype=dtype).real.dtype if dtype.is_complex else dtype
+
+
+def _is_dense_layout(t: torch.Tensor) -> bool:
+    """Non-overlapping and without gaps (any dimension order): memory is one linear run."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _check_scalar(name: str, value: Any, *, upper: float | None = None) -> None:
+    """``0 <= value (< upper)`` for a float or a one-element tensor (read only on the CPU)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name}: a tensor {name} must have one element, got shape {tuple(value.shape)}")
+        if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{name}: expected a floating tensor, got {value.dtype}")
+        if value.device.type != "cpu":
+            return  # reading it would sync the host: checked when the optimizer was built
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a float or a one-element tensor, got {type(value).__name__}")
+    ok = 0.0 <= value and (upper is None or value < upper)  # NaN fails both
+    if not ok:
+        span = f"[0, {upper})" if upper is not None else "[0, inf)"
+        raise ValueError(f"{name}: invalid value {value}; expected a number in {span}")
+
+
 class MaskedAdamW(torch.optim.Optimizer):
     r"""AdamW that updates only selected entries of masked parameters, with state only for them.
 
-    Constructed like :class:`torch.optim.AdamW`, plus:
+    Constructed like :class:`torch.optim.AdamW` (same arguments, same checks), plus:
 
     Args:
-        masks: ``{Parameter: 1-D integer tensor of flat indices}`` (sorted, unique), or a
-            :class:`~fastmask.MaskSet` together with ``model``. Masked parameters keep fp32
-            ``exp_avg``/``exp_avg_sq`` for their selected entries only and change only there;
-            parameters without a mask are updated densely.
+        masks: ``{Parameter: 1-D integer tensor of flat indices}`` (sorted, unique; positions in
+            ``param.reshape(-1)``), or a :class:`~fastmask.MaskSet` together with ``model``.
+            Masked parameters keep state for their selected entries only and change only there;
+            parameters without a mask are updated densely. Any real floating or complex dtype and
+            any layout can be masked: contiguous float32/bfloat16/float16 parameters take the
+            compiled kernels, the others the reference backend (``fastmask.backends.report()``).
         model: the model the MaskSet's names refer to; also used to name parameters in errors and
             in :meth:`scores` (named parameters given as ``params`` serve the same purpose).
         decay_unselected: if ``True`` (per group), weight decay also shrinks the unselected entries
@@ -74,72 +124,215 @@ class MaskedAdamW(torch.optim.Optimizer):
         track_scores: ``"grad"``, ``"abs"`` or ``"fisher"`` to accumulate, in the same pass as the
             step, every entry's gradient statistic of the masked parameters (full-shape fp32);
             :meth:`scores` returns them for :func:`fastmask.select`.
+        foreach, fused, capturable: as in ``torch.optim.AdamW``, for the parameters without a mask
+            (masked parameters always take fastmask's multi-tensor op, which never syncs the
+            host). The defaults (``None``) make torch's own choice, so dense parameters are
+            bit-identical to ``torch.optim.AdamW`` with the same arguments; ``fused=True`` is
+            faster and is applied only where PyTorch's fused kernel is correct.
+        differentiable: only ``False`` (the step writes in place, outside autograd).
 
-    ``lr`` may be a tensor (kept as is, so compiled steps need not recompile). Works with LR
-    schedulers, closures and ``torch.amp.GradScaler`` (``scaler.step(opt)`` hands the scale and
-    the inf flag to the step, which skips without a host sync). Change masks between tasks with
-    :meth:`set_masks`, which re-creates the compact state.
+    ``lr`` may be a tensor (kept as is, so compiled steps need not recompile; a CPU tensor lr is
+    checked on every step, a device one when the optimizer is built, to avoid a host sync).
+    Works with LR schedulers, closures and ``torch.amp.GradScaler`` (``scaler.step(opt)`` hands
+    the scale and the inf flag to the step, which skips without a host sync). Change masks
+    between tasks with :meth:`set_masks`, which re-creates the compact state. A parameter may be
+    listed only once (``torch.optim.AdamW`` would step a repeated one twice).
     """
 
     def __init__(
         self,
         params: Iterable[Any],
         lr: float | torch.Tensor = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         amsgrad: bool = False,
         *,
         maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
         masks: MaskSet | Mapping[nn.Parameter, torch.Tensor] | None = None,
         model: nn.Module | None = None,
         decay_unselected: bool = False,
         track_scores: str | None = None,
     ) -> None:
+        if differentiable:
+            raise NotImplementedError(
+                "differentiable: MaskedAdamW steps parameters in place outside autograd; differentiable=True "
+                "is not supported (use torch.optim.AdamW(differentiable=True) for meta-learning)")
+        if fused and foreach:
+            raise RuntimeError("fused, foreach: `fused` and `foreach` cannot be `True` together")
         if isinstance(lr, torch.Tensor):
+            if foreach and not capturable:
+                raise ValueError("lr: lr as a Tensor is not supported for capturable=False and foreach=True")
             if lr.numel() != 1:
-                raise ValueError("lr: a tensor lr must have one element")
-        elif not 0.0 <= lr:
-            raise ValueError(f"lr: invalid learning rate {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"eps: invalid epsilon value {eps}")
+                raise ValueError("lr: Tensor lr must be 1-element")
+            if lr.device.type != "cpu" and not bool(0.0 <= lr):  # once, here: never inside step()
+                raise ValueError(f"lr: invalid learning rate {lr}")
+        _check_scalar("lr", lr)
+        _check_scalar("eps", eps)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
+        if isinstance(betas[0], torch.Tensor) != isinstance(betas[1], torch.Tensor):
+            raise ValueError("betas: betas must be either both floats or both Tensors")
+        if isinstance(betas[0], torch.Tensor) and foreach and not capturable:
+            raise ValueError("betas: betas[0] as a Tensor is not supported for capturable=False and foreach=True")
         for i, b in enumerate(betas):
-            if not 0.0 <= float(b) < 1.0:
-                raise ValueError(f"betas: invalid beta parameter at index {i}: {b}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"weight_decay: invalid value {weight_decay}")
+            _check_scalar(f"betas[{i}]", b, upper=1.0)
+        _check_scalar("weight_decay", weight_decay)
         if track_scores is not None and track_scores not in _SCORE_MODES:
             raise ValueError(f"track_scores: expected None or one of {_SCORE_MODES}, got {track_scores!r}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                        maximize=maximize, decay_unselected=decay_unselected)
-        super().__init__(params, defaults)
-        # GradScaler passes grad_scale/found_inf to step() instead of unscaling and syncing.
-        self._step_supports_amp_scaling = True
+                        maximize=maximize, foreach=foreach, capturable=capturable,
+                        differentiable=differentiable, fused=fused, decay_unselected=decay_unselected)
         self.track_scores = track_scores
         self._buckets: list[_Bucket] = []
         self._mask_of: dict[nn.Parameter, torch.Tensor] = {}
         self._names: dict[nn.Parameter, str] = {}
+        super().__init__(params, defaults)
+        # GradScaler passes grad_scale/found_inf to step() instead of unscaling and syncing.
+        self._step_supports_amp_scaling = True
         self.set_masks(masks if masks is not None else {}, model=model)
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.add_param_group``; a parameter listed twice is an error."""
+        params = param_group.get("params") if isinstance(param_group, dict) else None
+        if params is not None and not isinstance(params, (torch.Tensor, set)):
+            params = list(params)
+            seen: set[int] = set()
+            for i, item in enumerate(params):
+                p = item[1] if isinstance(item, tuple) and len(item) == 2 else item
+                if isinstance(p, torch.Tensor):
+                    if id(p) in seen:
+                        name = repr(item[0]) if isinstance(item, tuple) else f"params[{i}] (shape {tuple(p.shape)})"
+                        raise ValueError(
+                            f"params: parameter {name} appears twice in param group {len(self.param_groups)}; "
+                            "list each parameter once (torch.optim.AdamW would step a repeated parameter twice)")
+                    seen.add(id(p))
+            param_group = dict(param_group, params=params)
+        super().add_param_group(param_group)
+
     # ------------------------------------------------------------------------------------------
-    # masks and compact state
+    # names (for errors and scores)
     # ------------------------------------------------------------------------------------------
-    def _name(self, p: torch.Tensor) -> str:
-        if p in self._names:
-            return repr(self._names[p])
+    def _known_names(self, model: nn.Module | None) -> dict[nn.Parameter, str]:
+        names = dict(self._names)
+        for g in self.param_groups:
+            for n, p in zip(g.get("param_names", ()), g["params"]):
+                names[p] = n
+        if model is not None:
+            for n, p in model.named_parameters():
+                names.setdefault(p, n)
+        return names
+
+    def _name(self, p: torch.Tensor, names: Mapping[nn.Parameter, str] | None = None) -> str:
+        names = self._names if names is None else names
+        if p in names:
+            return repr(names[p])
         for gi, g in enumerate(self.param_groups):
             for i, q in enumerate(g["params"]):
                 if q is p:
                     return f"param_groups[{gi}]['params'][{i}] (shape {tuple(p.shape)})"
         return f"a tensor of shape {tuple(p.shape)}"
 
-    def _learn_names(self, model: nn.Module | None) -> None:
-        for g in self.param_groups:
-            for n, p in zip(g.get("param_names", ()), g["params"]):
-                self._names[p] = n
-        if model is not None:
-            for n, p in model.named_parameters():
-                self._names.setdefault(p, n)
+    # ------------------------------------------------------------------------------------------
+    # masks and compact state
+    # ------------------------------------------------------------------------------------------
+    def _check_masks(self, masks: Mapping[nn.Parameter, torch.Tensor], names, what: str = "masks"
+                     ) -> dict[nn.Parameter, torch.Tensor]:
+        """Validated ``{param: int32 indices on its device}``; writes nothing."""
+        owned = {p for g in self.param_groups for p in g["params"]}
+        checked: dict[nn.Parameter, torch.Tensor] = {}
+        for p, idx in masks.items():
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"{what}: keys must be parameters (tensors), got {type(p).__name__}; "
+                                "for a MaskSet pass model=")
+            if p not in owned:
+                raise ValueError(f"{what}: a mask is given for {self._name(p, names)}, which is not among this "
+                                 "optimizer's parameters")
+            if p.layout != torch.strided:
+                raise TypeError(f"{what}: parameter {self._name(p, names)} has layout {p.layout}; only strided "
+                                "(dense) parameters can be masked")
+            if not (p.is_floating_point() or p.is_complex()):
+                raise TypeError(f"{what}: parameter {self._name(p, names)} has dtype {p.dtype}; masked parameters "
+                                "must have a floating or complex dtype")
+            if p.is_complex() and self.track_scores:
+                raise TypeError(f"{what}: parameter {self._name(p, names)} is complex; track_scores supports "
+                                "real parameters only")
+            check_indices(idx, p.numel(), f"{what}[{self._name(p, names)}]")
+            checked[p] = idx.to(device=p.device, dtype=torch.int32)
+        return checked
+
+    def _build(self, checked: Mapping[nn.Parameter, torch.Tensor]) -> list[_Bucket]:
+        """Fresh compact state for the masked params (new tensors; self is not touched)."""
+        buckets = []
+        for gi, group in enumerate(self.param_groups):
+            keyed: dict[tuple[torch.device, torch.dtype], list[nn.Parameter]] = {}
+            for p in group["params"]:
+                if p in checked:
+                    keyed.setdefault((p.device, p.dtype), []).append(p)
+            for (device, dtype), params in keyed.items():
+                buckets.append(self._make_bucket(gi, device, dtype, params, [checked[p] for p in params]))
+        return buckets
+
+    def _make_bucket(self, gi: int, device: torch.device, dtype: torch.dtype, params: list[nn.Parameter],
+                     idxs: list[torch.Tensor]) -> _Bucket:
+        is_complex = dtype.is_complex
+        per = 2 if is_complex else 1
+        mask_offsets = [0]
+        for i in idxs:
+            mask_offsets.append(mask_offsets[-1] + i.numel())
+        offsets = [per * o for o in mask_offsets]
+        idx = torch.cat(idxs) if idxs else torch.empty(0, dtype=torch.int32, device=device)
+        # view_as_real(p).reshape(-1)[2i + c] is the real (c=0) or imaginary (c=1) part of entry i.
+        kidx = (torch.stack([2 * idx, 2 * idx + 1], dim=1).reshape(-1) if is_complex else idx)
+        k = offsets[-1]
+        sdt = ops.state_dtype(_real_dtype(dtype))
+        amsgrad = self.param_groups[gi]["amsgrad"]
+        return _Bucket(
+            group=gi, params=params, offsets=offsets, mask_offsets=mask_offsets, idx=idx, kidx=kidx,
+            exp_avg=torch.zeros(k, dtype=sdt, device=device),
+            exp_avg_sq=torch.zeros(k, dtype=sdt, device=device),
+            max_exp_avg_sq=torch.zeros(k, dtype=sdt, device=device) if amsgrad else None,
+            steps=torch.zeros(len(params), dtype=torch.float32, device=device),
+            scores=[torch.zeros(p.shape, dtype=torch.float32, device=device) for p in params]
+            if self.track_scores else None,
+            is_complex=is_complex,
+        )
+
+    @staticmethod
+    def _bucket_states(b: _Bucket) -> dict[nn.Parameter, dict[str, torch.Tensor]]:
+        """``optimizer.state`` entries of a bucket's params: views of its buffers (all tensors)."""
+        out = {}
+        for t, p in enumerate(b.params):
+            lo, hi = b.offsets[t], b.offsets[t + 1]
+            state = {
+                "step": b.steps[t],
+                "exp_avg": b.exp_avg[lo:hi],
+                "exp_avg_sq": b.exp_avg_sq[lo:hi],
+                "mask_indices": b.idx[b.mask_offsets[t] : b.mask_offsets[t + 1]],
+                "param_shape": torch.tensor(p.shape, dtype=torch.int64),
+            }
+            if b.max_exp_avg_sq is not None:
+                state["max_exp_avg_sq"] = b.max_exp_avg_sq[lo:hi]
+            if b.scores is not None:
+                state["scores"] = b.scores[t]
+            out[p] = state
+        return out
+
+    def _install(self, buckets: list[_Bucket], names: dict[nn.Parameter, str]) -> None:
+        """Make ``buckets`` the compact state (the commit point of set_masks / load_state_dict)."""
+        for p in self._mask_of:
+            self.state.pop(p, None)  # old compact state: gone, whatever becomes of the param
+        self._names = names
+        self._buckets = buckets
+        self._mask_of = {}
+        for b in buckets:
+            for p, state in self._bucket_states(b).items():
+                self.state[p] = state  # replaces dense state of a param that becomes masked
+                self._mask_of[p] = state["mask_indices"]
 
     def set_masks(
         self,
@@ -151,75 +344,15 @@ class MaskedAdamW(torch.optim.Optimizer):
 
         Masked parameters start from fresh state (step 0), as the original work re-creates its
         optimizer per task. A parameter that loses its mask becomes dense with fresh state; dense
-        parameters that stay dense keep theirs. Tracked scores restart from zero.
+        parameters that stay dense keep theirs. Tracked scores restart from zero. Everything is
+        checked before anything changes.
         """
-        self._learn_names(model)
+        names = self._known_names(model)
         if isinstance(masks, MaskSet):
             if model is None:
                 raise ValueError("masks: a MaskSet needs model= to map its names to parameters")
             masks = masks.for_model(model)
-        owned = {p: gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
-        checked: dict[nn.Parameter, torch.Tensor] = {}
-        for p, idx in masks.items():
-            if not isinstance(p, torch.Tensor):
-                raise TypeError(f"masks: keys must be parameters (tensors), got {type(p).__name__}; "
-                                "for a MaskSet pass model=")
-            if p not in owned:
-                raise ValueError(f"masks: a mask is given for {self._name(p)}, which is not among this optimizer's parameters")
-            if not p.is_contiguous():
-                raise ValueError(f"masks: parameter {self._name(p)} must be contiguous to be masked")
-            if p.dtype not in ops.PARAM_DTYPES:
-                raise TypeError(f"masks: parameter {self._name(p)} has dtype {p.dtype}; masked params must be one of {ops.PARAM_DTYPES}")
-            check_indices(idx, p.numel(), f"masks[{self._name(p)}]")
-            checked[p] = idx.to(device=p.device, dtype=torch.int32)
-
-        for p in self._mask_of:
-            self.state.pop(p, None)  # old compact state: gone, whatever becomes of the param
-        self._mask_of = {}
-        self._buckets = []
-        for gi, group in enumerate(self.param_groups):
-            keyed: dict[tuple[torch.device, torch.dtype], list[nn.Parameter]] = {}
-            for p in group["params"]:
-                if p in checked:
-                    self.state.pop(p, None)  # dense state of a param that becomes masked
-                    keyed.setdefault((p.device, p.dtype), []).append(p)
-            for (device, _), params in keyed.items():
-                self._buckets.append(self._make_bucket(gi, device, params, [checked[p] for p in params]))
-
-    def _make_bucket(self, gi: int, device: torch.device, params: list[nn.Parameter], idxs: list[torch.Tensor]) -> _Bucket:
-        offsets = [0]
-        for i in idxs:
-            offsets.append(offsets[-1] + i.numel())
-        k = offsets[-1]
-        amsgrad = self.param_groups[gi]["amsgrad"]
-        b = _Bucket(
-            group=gi,
-            params=params,
-            offsets=offsets,
-            idx=torch.cat(idxs) if idxs else torch.empty(0, dtype=torch.int32, device=device),
-            exp_avg=torch.zeros(k, dtype=torch.float32, device=device),
-            exp_avg_sq=torch.zeros(k, dtype=torch.float32, device=device),
-            max_exp_avg_sq=torch.zeros(k, dtype=torch.float32, device=device) if amsgrad else None,
-            steps=torch.zeros(len(params), dtype=torch.float32, device=device),
-            scores=[torch.zeros(p.shape, dtype=torch.float32, device=device) for p in params]
-            if self.track_scores else None,
-        )
-        for t, p in enumerate(params):
-            lo, hi = offsets[t], offsets[t + 1]
-            state = {
-                "step": b.steps[t],
-                "exp_avg": b.exp_avg[lo:hi],
-                "exp_avg_sq": b.exp_avg_sq[lo:hi],
-                "mask_indices": b.idx[lo:hi],
-                "param_shape": tuple(p.shape),
-            }
-            if b.max_exp_avg_sq is not None:
-                state["max_exp_avg_sq"] = b.max_exp_avg_sq[lo:hi]
-            if b.scores is not None:
-                state["scores"] = b.scores[t]
-            self.state[p] = state
-            self._mask_of[p] = b.idx[lo:hi]
-        return b
+        self._install(self._build(self._check_masks(masks, names)), names)
 
     @property
     def masks(self) -> dict[nn.Parameter, torch.Tensor]:
@@ -245,129 +378,237 @@ class MaskedAdamW(torch.optim.Optimizer):
         return out
 
     # ------------------------------------------------------------------------------------------
-    # step
+    # pickling / deepcopy: the compact buffers travel, the state views are rebuilt from them
+    # ------------------------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["state"] = {p: s for p, s in self.state.items() if p not in self._mask_of}
+        state["_fastmask"] = {"buckets": self._buckets, "names": self._names, "track_scores": self.track_scores}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from collections import defaultdict
+
+        extra = state.pop("_fastmask", None) or {"buckets": [], "names": {}, "track_scores": None}
+        super().__setstate__(state)
+        self.state = defaultdict(dict, self.state)
+        self.track_scores = extra["track_scores"]
+        self._step_supports_amp_scaling = True
+        self._mask_of = {}
+        self._install(extra["buckets"], dict(extra["names"]))
+
+    # ------------------------------------------------------------------------------------------
+    # step: plan and check everything, then write
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
-        """One optimizer step; returns the closure's loss if a closure is given."""
+        """One optimizer step; returns the closure's loss if a closure is given.
+
+        All groups, buckets and dense parameters are checked before the first write, so a step
+        that raises changes nothing.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        check = getattr(self, "_accelerator_graph_capture_health_check", None) or self._cuda_graph_capture_health_check
+        check()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        actions: list[Callable[[], None]] = []
+        for gi, group in enumerate(self.param_groups):
+            self._check_group(gi, group)
         for b in self._buckets:
-            self._step_bucket(b, self.param_groups[b.group], grad_scale, found_inf)
+            actions += self._plan_bucket(b, self.param_groups[b.group], grad_scale, found_inf)
         for group in self.param_groups:
-            self._step_dense(group, grad_scale, found_inf)
+            actions += self._plan_dense(group, grad_scale, found_inf)
+        for act in actions:
+            act()
         return loss
 
-    @staticmethod
-    def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-        return None if t is None else t.to(device, non_blocking=True)
+    def _check_group(self, gi: int, group: dict) -> None:
+        where = f"param_groups[{gi}]"
+        _check_scalar(f"{where}['lr']", group["lr"])
+        _check_scalar(f"{where}['eps']", group["eps"])
+        _check_scalar(f"{where}['weight_decay']", group["weight_decay"])
+        for i, b in enumerate(group["betas"]):
+            _check_scalar(f"{where}['betas'][{i}]", b, upper=1.0)
+        if group.get("differentiable"):
+            raise NotImplementedError(f"{where}['differentiable']: differentiable=True is not supported")
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise RuntimeError(f"MaskedAdamW does not support sparse gradients ({self._name(p)}); "
+                                   "consider torch.optim.SparseAdam")
+            if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+                raise ValueError(f"grad of {self._name(p)}: expected {p.dtype} {tuple(p.shape)} on {p.device} like "
+                                 f"the parameter, got {g.dtype} {tuple(g.shape)} on {g.device}")
 
-    def _step_bucket(self, b: _Bucket, group: dict, grad_scale, found_inf) -> None:
+    def _plan_bucket(self, b: _Bucket, group: dict, grad_scale, found_inf) -> list[Callable[[], None]]:
         active = [p.grad is not None for p in b.params]
         if not any(active):
-            return
+            return []
         device = b.steps.device
         lr = group["lr"]
         lr_t = lr if isinstance(lr, torch.Tensor) else torch.tensor(lr, dtype=torch.float64)
         beta1, beta2 = (float(x) for x in group["betas"])
         weight_decay = group["weight_decay"]
         grad_scale, found_inf = self._on(grad_scale, device), self._on(found_inf, device)
-
         if group["amsgrad"] and b.max_exp_avg_sq is None:
             raise RuntimeError("amsgrad was switched on after set_masks(); call set_masks() again to create its state")
+        decay_all = group["decay_unselected"] and weight_decay != 0
+        actions = []
         for a, e in _runs(active):
-            params = b.params[a:e]
-            grads = [p.grad for p in params]
-            for p, g in zip(params, grads):
-                if g.is_sparse:
-                    raise RuntimeError(f"MaskedAdamW does not support sparse gradients ({self._name(p)})")
             whole = a == 0 and e == len(b.params)
             lo, hi = b.offsets[a], b.offsets[e]
 
-            def part(t):
+            def part(t, lo=lo, hi=hi, whole=whole):
                 return t if (whole or t is None) else t[lo:hi]
 
-            steps = b.steps if whole else b.steps[a:e]
-            steps.add_(1)
-            wd = weight_decay
-            if group["decay_unselected"] and weight_decay != 0:
-                # The original code's dense AdamW decays every entry; emulate it on the whole tensor
-                # (in the param's dtype, as torch does) and let the kernel skip decay.
-                if found_inf is None and not isinstance(lr, torch.Tensor):
-                    factor = 1 - lr * weight_decay
-                else:
-                    factor = 1 - lr_t.to(device) * weight_decay
-                    if found_inf is not None:
-                        factor = torch.where(found_inf.reshape(()) != 0, torch.ones((), device=device), factor)
-                torch._foreach_mul_(params, factor)
-                wd = 0.0
-            ops.masked_adamw_step_(
-                params, grads, part(b.idx), part(b.exp_avg), part(b.exp_avg_sq),
-                [o - lo for o in b.offsets[a : e + 1]], steps, lr_t,
-                beta1, beta2, group["eps"], wd, group["maximize"],
+            params = b.params[a:e]
+            call = dict(
+                params=[_real(p) for p in params], grads=[_real(p.grad) for p in params], idx=part(b.kidx),
+                exp_avg=part(b.exp_avg), exp_avg_sq=part(b.exp_avg_sq), offsets=[o - lo for o in b.offsets[a : e + 1]],
+                steps=b.steps if whole else b.steps[a:e], lr=lr_t, beta1=beta1, beta2=beta2, eps=group["eps"],
+                # The original code's dense AdamW decays every entry: the whole tensor is decayed
+                # before the op (in the param's dtype, as torch does) and the op skips decay.
+                weight_decay=0.0 if decay_all else weight_decay, maximize=group["maximize"],
                 max_exp_avg_sq=part(b.max_exp_avg_sq), grad_scale=grad_scale, found_inf=found_inf,
-                scores=b.scores[a:e] if b.scores is not None else None,
-                score_mode=self.track_scores or "grad",
+                scores=b.scores[a:e] if b.scores is not None else None, score_mode=self.track_scores or "grad",
             )
-            if found_inf is not None:
-                steps.sub_(found_inf.reshape(()))
+            try:
+                ops.check_masked_adamw_step_(**call)
+            except (ValueError, TypeError, IndexError) as exc:
+                names = ", ".join(self._name(p) for p in params)
+                raise type(exc)(f"{exc} (masked parameters {names})") from exc
 
-    def _step_dense(self, group: dict, grad_scale, found_inf) -> None:
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
-        for p in group["params"]:
-            if p.grad is None or p in self._mask_of:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError(f"MaskedAdamW does not support sparse gradients ({self._name(p)})")
-            state = self.state[p]
-            if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if group["amsgrad"] and "max_exp_avg_sq" not in state:
-                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
-            if group["amsgrad"]:
-                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
-        if not params:
-            return
-        from torch.optim.adam import adam
+            def run(call=call, params=params):
+                call["steps"].add_(1)
+                if decay_all:
+                    torch._foreach_mul_(params, self._decay_factor(group, device, found_inf))
+                ops.masked_adamw_step_(**call)
+                if found_inf is not None:
+                    call["steps"].sub_(found_inf.reshape(()))
+
+            actions.append(run)
+        return actions
+
+    @staticmethod
+    def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+        return None if t is None else t.to(device, non_blocking=True)
+
+    @staticmethod
+    def _decay_factor(group: dict, device: torch.device, found_inf):
+        lr, weight_decay = group["lr"], group["weight_decay"]
+        if found_inf is None and not isinstance(lr, torch.Tensor):
+            return 1 - lr * weight_decay
+        factor = 1 - torch.as_tensor(lr, dtype=torch.float64).to(device) * weight_decay
+        if found_inf is not None:
+            factor = torch.where(found_inf.reshape(()) != 0, torch.ones((), device=device, dtype=factor.dtype), factor)
+        return factor
+
+    # ------------------------------------------------------------------------------------------
+    # dense parameters: torch's own AdamW functional, with the group's flags
+    # ------------------------------------------------------------------------------------------
+    def _fusable(self, p: torch.Tensor, state: dict) -> bool:
+        """PyTorch's fused AdamW walks memory linearly: correct only for params, grads and state of
+        one gap-free layout (the layout is checked on existing state, which zeros_like creates in
+        the param's layout)."""
         from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
-        fused = all(p.device.type in _get_fused_kernels_supported_devices() and p.is_floating_point() for p in params)
-        beta1, beta2 = group["betas"]
-        if not fused and found_inf is not None:
-            # Rare: a device without fused AdamW under GradScaler. Unscale here; skipping needs a sync.
+        if not p.is_floating_point() or p.device.type not in _get_fused_kernels_supported_devices():
+            return False
+        if not _is_dense_layout(p) or p.grad.stride() != p.stride():
+            return False
+        return all(state[k].stride() == p.stride() for k in _MASKED_KEYS if k in state)
+
+    def _plan_dense(self, group: dict, grad_scale, found_inf) -> list[Callable[[], None]]:
+        params = [p for p in group["params"] if p.grad is not None and p not in self._mask_of]
+        if not params:
+            return []
+        if group["fused"]:
+            from torch.optim.optimizer import _device_dtype_check_for_fused
+
+            for p in params:
+                try:
+                    _device_dtype_check_for_fused(p, cuda_unsupported=False)
+                except RuntimeError as exc:
+                    raise RuntimeError(f"fused: {exc} ({self._name(p)})") from exc
+        for p in params:
+            for key in ("exp_avg", "exp_avg_sq"):
+                st = self.state[p].get(key) if p in self.state else None
+                if st is not None and st.shape != p.shape:
+                    raise ValueError(f"state {key!r} of {self._name(p)} has shape {tuple(st.shape)}, expected "
+                                     f"{tuple(p.shape)}")
+        return [lambda: self._step_dense(group, params, grad_scale, found_inf)]
+
+    def _init_dense_state(self, group: dict, p: torch.Tensor) -> dict:
+        from torch.optim.optimizer import _get_scalar_dtype
+
+        state = self.state[p]
+        if not state:
+            # As torch.optim.Adam: the step lives on the CPU unless capturable or fused.
+            state["step"] = (
+                torch.zeros((), dtype=_get_scalar_dtype(is_fused=group["fused"]), device=p.device)
+                if group["capturable"] or group["fused"] else torch.tensor(0.0, dtype=_get_scalar_dtype())
+            )
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group["amsgrad"] and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _step_dense(self, group: dict, params: list[torch.Tensor], grad_scale, found_inf) -> None:
+        states = [self._init_dense_state(group, p) for p in params]
+        if group["fused"]:
+            fused = [(p, s) for p, s in zip(params, states) if self._fusable(p, s)]
+            rest = [(p, s) for p, s in zip(params, states) if not self._fusable(p, s)]
+            if fused:
+                self._adam(group, fused, fused=True, foreach=False, grad_scale=grad_scale, found_inf=found_inf)
+            if rest:  # torch's non-fused default for what the fused kernel would get wrong
+                self._unscaled(group, rest, None, None, grad_scale, found_inf)
+        else:
+            self._unscaled(group, list(zip(params, states)), group["foreach"], False, grad_scale, found_inf)
+
+    def _unscaled(self, group, pairs, foreach, fused, grad_scale, found_inf) -> None:
+        """The non-fused kernels take no grad_scale/found_inf: under GradScaler, skip or unscale here
+        (a host sync, as GradScaler itself makes for optimizers without fused support)."""
+        if found_inf is not None:
             if bool(found_inf.item()):
                 return
             if grad_scale is not None:
-                torch._foreach_div_(grads, grad_scale.reshape(()).item())
-            grad_scale = found_inf = None
+                grads = [p.grad for p, _ in pairs]
+                torch._foreach_div_(grads, grad_scale.reshape(()).to(grads[0].device))
+        self._adam(group, pairs, fused=fused, foreach=foreach, grad_scale=None, found_inf=None)
+
+    @staticmethod
+    def _adam(group, pairs, *, fused, foreach, grad_scale, found_inf) -> None:
+        from torch.optim.adam import adam
+
+        params = [p for p, _ in pairs]
+        beta1, beta2 = group["betas"]
         adam(
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
-            foreach=None if fused else True, fused=fused or None,
-            grad_scale=grad_scale, found_inf=found_inf,
-            amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
+            params, [p.grad for p in params], [s["exp_avg"] for _, s in pairs], [s["exp_avg_sq"] for _, s in pairs],
+            [s["max_exp_avg_sq"] for _, s in pairs] if group["amsgrad"] else [], [s["step"] for _, s in pairs],
+            foreach=foreach, capturable=group["capturable"], differentiable=False, fused=fused,
+            grad_scale=grad_scale, found_inf=found_inf, has_complex=any(torch.is_complex(p) for p in params),
+            decoupled_weight_decay=True, amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
             weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
-            decoupled_weight_decay=True,
         )
 
     # ------------------------------------------------------------------------------------------
     # state_dict
     # ------------------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state saved by ``state_dict()``; refuses one made for other masks or shapes.
+        """Load a state saved by ``state_dict()``; checks everything before changing anything.
 
-        Masked state is copied into this optimizer's compact buffers (the masks themselves are
-        not changed: build the optimizer with the saved masks, e.g. from a MaskSet file).
+        Masked state is copied into the compact buffers. An optimizer built with masks needs a
+        state saved with the same masks (other masks, shapes or a mask where it is dense are
+        refused); an optimizer built *without* masks adopts the saved ones, so a masked run
+        resumes from its checkpoint alone (e.g. an HF Trainer checkpoint).
+        Parameter names saved in the state dict are kept, as ``torch.optim.Optimizer`` does.
         """
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             out = pre_hook(self, state_dict)
@@ -383,47 +624,73 @@ class MaskedAdamW(torch.optim.Optimizer):
                 )
         id_map = {sid: p for g, sg in zip(groups, saved_groups) for sid, p in zip(sg["params"], g["params"])}
         saved_state = state_dict["state"]
+        names = self._known_names(None)
+        for g, sg in zip(groups, saved_groups):
+            for n, p in zip(sg.get("param_names", ()), g["params"]):
+                names.setdefault(p, n)
 
-        # Validate everything before writing anything.
+        # 1. Check everything; find the masks to adopt.
+        adopted: dict[nn.Parameter, torch.Tensor] = {}
         for sid, p in id_map.items():
             st = saved_state.get(sid)
-            masked = p in self._mask_of
-            if st is not None and "param_shape" in st and tuple(st["param_shape"]) != tuple(p.shape):
-                raise ValueError(f"loaded state for {self._name(p)} was made for shape {tuple(st['param_shape'])}, "
-                                 f"but the parameter has shape {tuple(p.shape)}")
-            if masked:
+            name = self._name(p, names)
+            if st is not None and not isinstance(st, Mapping):
+                raise TypeError(f"loaded state for {name}: expected a dict, got {type(st).__name__}")
+            if st is not None and "param_shape" in st:
+                shape = tuple(int(x) for x in torch.as_tensor(st["param_shape"]).reshape(-1).tolist())
+                if shape != tuple(p.shape):
+                    raise ValueError(f"loaded state for {name} was made for shape {shape}, "
+                                     f"but the parameter has shape {tuple(p.shape)}")
+            if p in self._mask_of:
                 if st is None or "mask_indices" not in st:
-                    raise ValueError(f"loaded state has no mask for {self._name(p)}, which this optimizer masks")
-                saved_idx = st["mask_indices"]
+                    raise ValueError(f"loaded state has no mask for {name}, which this optimizer masks")
+                saved_idx = torch.as_tensor(st["mask_indices"])
                 mine = self._mask_of[p]
                 if saved_idx.numel() != mine.numel() or not torch.equal(saved_idx.to(mine.device, torch.int32), mine):
                     raise ValueError(
-                        f"loaded state for {self._name(p)} was made with different masks ({saved_idx.numel()} "
+                        f"loaded state for {name} was made with different masks ({saved_idx.numel()} "
                         f"selected entries saved, {mine.numel()} here, or other positions)"
                     )
-                for key in _MASKED_KEYS:
-                    if key in self.state[p] and (key not in st or st[key].numel() != mine.numel()):
-                        raise ValueError(f"loaded state for {self._name(p)} lacks {key!r} of {mine.numel()} entries")
+                self._check_masked_entry(p, st, mine.numel(), name, self.state[p])
+            elif st is not None and "mask_indices" in st and self._mask_of:
+                raise ValueError(f"loaded state has a mask for {name}, which this optimizer updates densely "
+                                 "(an optimizer built without any masks adopts the saved ones)")
+            elif st is not None and "mask_indices" in st:
+                idx = self._check_masks({p: torch.as_tensor(st["mask_indices"])}, names,
+                                        what="loaded state mask_indices")[p]
+                adopted[p] = idx
+                self._check_masked_entry(p, st, idx.numel(), name, None)
             elif st is not None:
-                if "mask_indices" in st:
-                    raise ValueError(f"loaded state has a mask for {self._name(p)}, which this optimizer updates densely")
                 for key in _MASKED_KEYS:
-                    if key in st and st[key].shape != p.shape:
-                        raise ValueError(f"loaded state {key!r} for {self._name(p)} has shape {tuple(st[key].shape)}, "
+                    if key in st and tuple(st[key].shape) != tuple(p.shape):
+                        raise ValueError(f"loaded state {key!r} for {name} has shape {tuple(st[key].shape)}, "
                                          f"expected {tuple(p.shape)}")
 
+        # 2. Build what changes (new tensors only), then commit.
+        buckets = None
+        if adopted:
+            masks = {**{p: i for p, i in self._mask_of.items()}, **adopted}
+            buckets = self._build(masks)
+        if buckets is not None:
+            self._install(buckets, names)
+        else:
+            self._names = names
+        group_of = {p: g for g in groups for p in g["params"]}
         for sid, p in id_map.items():
             st = saved_state.get(sid)
             if p in self._mask_of:
                 mine = self.state[p]
                 for key in ("step", *_MASKED_KEYS, "scores"):
                     if key in mine and key in st:
-                        mine[key].copy_(st[key])
+                        mine[key].copy_(torch.as_tensor(st[key]))
             elif st is not None:
                 new = {}
                 for key, value in st.items():
                     if key == "step":
-                        new[key] = torch.as_tensor(value, dtype=torch.float32).to(p.device).clone()
+                        sg = next(s for g, s in zip(groups, saved_groups) if g is group_of[p])
+                        on_device = sg.get("fused") or sg.get("capturable")
+                        new[key] = torch.as_tensor(value, dtype=torch.float32).to(
+                            p.device if on_device else "cpu").clone()
                     elif isinstance(value, torch.Tensor):
                         new[key] = value.to(dtype=p.dtype, device=p.device).clone()
                     else:
@@ -433,13 +700,29 @@ class MaskedAdamW(torch.optim.Optimizer):
                 self.state.pop(p, None)
         for g, sg in zip(groups, saved_groups):
             for key, value in sg.items():
-                if key not in ("params", "param_names"):
+                if key != "params":
                     g[key] = value
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    def _check_masked_entry(self, p: torch.Tensor, st: Mapping, k: int, name: str, mine: dict | None) -> None:
+        """The saved compact state of a masked param fits a mask of ``k`` entries."""
+        n = k * (2 if p.is_complex() else 1)
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            needed = key != "max_exp_avg_sq" or (mine is not None and key in mine)
+            if key not in st:
+                if needed:
+                    raise ValueError(f"loaded state for {name} lacks {key!r} of {n} entries")
+                continue
+            if not isinstance(st[key], torch.Tensor) or st[key].numel() != n:
+                raise ValueError(f"loaded state {key!r} for {name} must be a tensor of {n} entries")
+        if "step" not in st:
+            raise ValueError(f"loaded state for {name} lacks 'step'")
+        if "scores" in st and (mine is None or "scores" in mine) and tuple(st["scores"].shape) != tuple(p.shape):
+            raise ValueError(f"loaded state 'scores' for {name} has shape {tuple(st['scores'].shape)}, "
+                             f"expected {tuple(p.shape)}")
 
     def __repr__(self) -> str:
         k = sum(b.idx.numel() for b in self._buckets)
         return super().__repr__().replace(
             "(", f"(masked tensors: {len(self._mask_of)}, selected entries: {k}\n", 1)
-
