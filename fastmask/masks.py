@@ -8,9 +8,13 @@ mapping :class:`fastmask.optim.MaskedAdamW` takes.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
+import operator
 import os
+import shutil
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -23,6 +27,54 @@ from ._version import __version__
 __all__ = ["Mask", "MaskSet", "select", "num_selected"]
 
 _FORMAT = "fastmask.maskset/1"
+_RESERVED_METADATA = ("format", "fastmask_version", "shapes")
+_INT64_MAX = 2**63 - 1
+
+
+def _check_shape(shape: object, what: str) -> torch.Size:
+    """``shape`` as a :class:`torch.Size`, or a clear error: a sequence of non-negative integers."""
+    expected = "expected a shape (a sequence of non-negative integers)"
+    if isinstance(shape, (str, bytes, Mapping)):
+        raise TypeError(f"{what}: {expected}, got {type(shape).__name__}")
+    try:
+        items = list(shape)  # type: ignore[call-overload]
+    except TypeError:  # not iterable (an int, a 0-d tensor, ...)
+        raise TypeError(f"{what}: {expected}, got {type(shape).__name__}") from None
+    dims = []
+    for i, d in enumerate(items):
+        if isinstance(d, bool):
+            raise TypeError(f"{what}: dimension {i} is a bool ({d}), expected a non-negative integer")
+        try:
+            d = operator.index(d)
+        except TypeError:
+            raise TypeError(
+                f"{what}: dimension {i} is {d!r} ({type(d).__name__}), expected a non-negative integer"
+            ) from None
+        if d < 0:
+            raise ValueError(f"{what}: dimension {i} is {d}, expected a non-negative integer")
+        dims.append(d)
+    if math.prod(dims) > _INT64_MAX:
+        raise ValueError(f"{what}: shape {tuple(dims)} has more than 2**63 - 1 entries")
+    return torch.Size(dims)
+
+
+def _check_name(name: object, what: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"{what}: parameter names must be strings, got {name!r} ({type(name).__name__})")
+    return name
+
+
+def _check_density(density: object, what: str) -> float:
+    """``density`` as a float in [0, 1], or a clear error naming ``what``."""
+    if isinstance(density, (bool, str, bytes)):
+        raise TypeError(f"{what}: expected a number in [0, 1], got {density!r} ({type(density).__name__})")
+    try:
+        d = float(density)  # type: ignore[arg-type]
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{what}: expected a number in [0, 1], got {type(density).__name__}") from None
+    if not (0.0 <= d <= 1.0):  # NaN fails both comparisons
+        raise ValueError(f"{what}: expected a value in [0, 1], got {d}")
+    return d
 
 
 @dataclass(frozen=True, eq=False)
@@ -33,7 +85,7 @@ class Mask:
     shape: torch.Size
 
     def __post_init__(self) -> None:
-        shape = torch.Size(self.shape)
+        shape = _check_shape(self.shape, "Mask.shape")
         idx = self.indices
         check_indices(idx, shape.numel(), "Mask.indices")
         object.__setattr__(self, "shape", shape)
@@ -56,8 +108,9 @@ class Mask:
     @classmethod
     def from_bool(cls, dense: torch.Tensor) -> Mask:
         """The mask of a boolean tensor's ``True`` entries."""
-        if dense.dtype != torch.bool:
-            raise TypeError(f"dense: expected a bool tensor, got {dense.dtype}")
+        if not isinstance(dense, torch.Tensor) or dense.dtype != torch.bool:
+            got = dense.dtype if isinstance(dense, torch.Tensor) else type(dense).__name__
+            raise TypeError(f"dense: expected a bool tensor, got {got}")
         return cls(dense.reshape(-1).nonzero().squeeze(1).to(torch.int32), dense.shape)
 
     def to_bool(self, device: torch.device | str | None = None) -> torch.Tensor:
@@ -102,22 +155,48 @@ class MaskSet(Mapping[str, Mask]):
 
     def __init__(self, masks: Mapping[str, Mask] | None = None) -> None:
         self._masks: dict[str, Mask] = {}
-        for name, mask in (masks or {}).items():
+        if masks is None:
+            masks = {}
+        if not isinstance(masks, Mapping):
+            raise TypeError(f"masks: expected a mapping of parameter names to Masks, got {type(masks).__name__}")
+        out: dict[str, Mask] = {}
+        for name, mask in masks.items():
+            _check_name(name, "masks")
             if not isinstance(mask, Mask):
                 raise TypeError(f"masks[{name!r}]: expected a Mask, got {type(mask).__name__}")
-            self._masks[str(name)] = mask
+            out[name] = mask
+        self._masks = out
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def from_indices(cls, indices: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> MaskSet:
+        for arg, m in (("indices", indices), ("shapes", shapes)):
+            if not isinstance(m, Mapping):
+                raise TypeError(f"{arg}: expected a mapping of parameter names, got {type(m).__name__}")
+            for n in m:
+                _check_name(n, arg)
         missing = set(indices) ^ set(shapes)
         if missing:
             raise ValueError(f"indices and shapes must name the same parameters; differ in {sorted(missing)}")
-        return cls({n: Mask(indices[n], torch.Size(shapes[n])) for n in indices})
+        out = {}
+        for n in indices:
+            shape = _check_shape(shapes[n], f"shapes[{n!r}]")
+            check_indices(indices[n], shape.numel(), f"indices[{n!r}]")
+            out[n] = Mask(indices[n], shape)
+        return cls(out)
 
     @classmethod
     def from_bool(cls, dense: Mapping[str, torch.Tensor]) -> MaskSet:
-        return cls({n: Mask.from_bool(t) for n, t in dense.items()})
+        if not isinstance(dense, Mapping):
+            raise TypeError(f"dense: expected a mapping of parameter names to bool tensors, got {type(dense).__name__}")
+        out = {}
+        for n, t in dense.items():
+            _check_name(n, "dense")
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.bool:
+                got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+                raise TypeError(f"dense[{n!r}]: expected a bool tensor, got {got}")
+            out[n] = Mask.from_bool(t)
+        return cls(out)
 
     # -- mapping ------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> Mask:
@@ -230,50 +309,173 @@ class MaskSet(Mapping[str, Mask]):
 
     # -- files --------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
-        """Write to a safetensors file: one int32 tensor per parameter, shapes in the metadata."""
-        from safetensors.torch import save_file
+        """Write to a safetensors file: one int32 tensor per parameter, shapes in the metadata.
 
+        The file is written whole or not at all: everything is checked and serialized first, then
+        written to a temporary file next to ``path`` and renamed over it.
+        """
+        from safetensors.torch import save as serialize
+
+        where = os.fspath(path)
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise TypeError(f"{where}: metadata: expected a mapping of strings, got {type(metadata).__name__}")
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+        clash = [k for k in _RESERVED_METADATA if k in meta]
+        if clash:
+            raise ValueError(
+                f"{where}: metadata: keys {clash} are reserved for the MaskSet file format; "
+                f"use other names for your own metadata"
+            )
+        if "__metadata__" in self._masks:
+            raise ValueError(
+                f"{where}: parameter '__metadata__': the name is reserved by safetensors, a file holding it "
+                f"could not be read back"
+            )
         meta.update({
             "format": _FORMAT,
             "fastmask_version": __version__,
             "shapes": json.dumps({n: list(m.shape) for n, m in self._masks.items()}),
         })
-        save_file({n: m.indices for n, m in self._masks.items()}, os.fspath(path), metadata=meta)
+        data = serialize({n: m.indices for n, m in self._masks.items()}, metadata=meta)
+        final = os.path.realpath(where)  # through a symlink, as writing in place would
+        if os.path.isdir(final):
+            raise IsADirectoryError(errno.EISDIR, "cannot write the MaskSet file (it is a directory)", where)
+        directory, base = os.path.split(final)
+        tmp = os.path.join(directory, f".{base}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "xb") as fh:
+                fh.write(data)
+            if os.path.isfile(final):
+                shutil.copymode(final, tmp)
+            os.replace(tmp, final)
+        except BaseException as e:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            if isinstance(e, OSError) and e.errno is not None:  # name the file asked for, not the temporary
+                raise type(e)(e.errno, f"cannot write the MaskSet file ({e.strerror})", where) from e
+            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> MaskSet:
-        """Read a file written by :meth:`save`; every mask is checked (dtype, range, order)."""
-        from safetensors import safe_open
+        """Read a file written by :meth:`save`; every mask is checked (names, shapes, dtype, range, order).
 
-        with safe_open(os.fspath(path), framework="pt") as f:
+        A malformed file raises ``ValueError``/``TypeError``/``IndexError`` naming the file and, where
+        one is at fault, the parameter; nothing is returned half-loaded.
+        """
+        where = os.fspath(path)
+        with _open_safetensors(where) as f:
             meta = f.metadata() or {}
-            if meta.get("format") != _FORMAT:
-                raise ValueError(f"{path}: not a fastmask MaskSet file (format {meta.get('format')!r}, expected {_FORMAT!r})")
+            if "format" not in meta:
+                raise ValueError(
+                    f"{where}: not a fastmask MaskSet file (no 'format' metadata, expected {_FORMAT!r})"
+                )
+            if meta["format"] != _FORMAT:
+                raise ValueError(
+                    f"{where}: not a fastmask MaskSet file (format {meta['format']!r}, expected {_FORMAT!r})"
+                )
             if "shapes" not in meta:
-                raise ValueError(f"{path}: fastmask MaskSet file without its 'shapes' metadata (damaged?)")
-            shapes = json.loads(meta["shapes"])
-            tensors = {n: f.get_tensor(n) for n in f.keys()}
-        if set(shapes) != set(tensors):
-            raise ValueError(f"{path}: metadata and tensors name different parameters")
-        for n, t in tensors.items():
+                raise ValueError(f"{where}: fastmask MaskSet file without its 'shapes' metadata (damaged?)")
+            shapes = _parse_shapes(meta["shapes"], where)
+            names = list(f.keys())
+            no_shape = [n for n in names if n not in shapes]
+            no_tensor = [n for n in shapes if n not in set(names)]
+            if no_shape or no_tensor:
+                parts = []
+                if no_shape:
+                    parts.append(f"tensors without a 'shapes' entry: {no_shape}")
+                if no_tensor:
+                    parts.append(f"'shapes' entries without a tensor: {no_tensor}")
+                raise ValueError(
+                    f"{where}: metadata and tensors name different parameters ({'; '.join(parts)}); "
+                    f"expected one int32 tensor per 'shapes' entry"
+                )
+            try:
+                tensors = {n: f.get_tensor(n) for n in shapes}
+            except Exception as e:  # safetensors' own error type is no ValueError
+                raise ValueError(f"{where}: cannot read the tensors of this safetensors file: {e}") from e
+        out = {}
+        for n, shape in shapes.items():
+            t = tensors[n]
+            what = f"{where}: indices of parameter {n!r}"
             if t.dtype != torch.int32:
-                raise TypeError(f"{path}: indices of {n!r} have dtype {t.dtype}, expected int32")
-        return cls({n: Mask(tensors[n], torch.Size(shapes[n])) for n in shapes})
+                raise TypeError(f"{what} have dtype {t.dtype}, expected int32")
+            check_indices(t, shape.numel(), what)
+            out[n] = Mask(t, shape)
+        return cls(out)
 
     @staticmethod
     def metadata(path: str | os.PathLike) -> dict[str, str]:
         """The metadata stored with a saved MaskSet (user keys included)."""
+        with _open_safetensors(os.fspath(path)) as f:
+            return dict(f.metadata() or {})
+
+
+class _open_safetensors:
+    """``safe_open(path)`` whose errors name the file (safetensors' own ones do not)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __enter__(self):
         from safetensors import safe_open
 
-        with safe_open(os.fspath(path), framework="pt") as f:
-            return dict(f.metadata() or {})
+        if os.path.isdir(self.path):
+            raise IsADirectoryError(f"{self.path}: is a directory, expected a MaskSet (.safetensors) file")
+        try:
+            self._cm = safe_open(self.path, framework="pt")
+            return self._cm.__enter__()
+        except OSError:
+            raise
+        except Exception as e:  # SafetensorError: a damaged or non-safetensors file
+            raise ValueError(f"{self.path}: not a readable safetensors file ({e})") from e
+
+    def __exit__(self, *exc) -> None:
+        self._cm.__exit__(*exc)
+
+
+def _parse_shapes(text: str, where: str) -> dict[str, torch.Size]:
+    """The ``shapes`` metadata of a MaskSet file: a JSON object of parameter name -> list of dims."""
+    def no_duplicates(pairs):
+        seen = {}
+        for k, v in pairs:
+            if k in seen:
+                raise ValueError(f"{where}: 'shapes' metadata names parameter {k!r} twice")
+            seen[k] = v
+        return seen
+
+    try:
+        raw = json.loads(text, object_pairs_hook=no_duplicates)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{where}: 'shapes' metadata is not valid JSON ({e}); expected a JSON object of "
+            f"parameter name -> list of dimensions"
+        ) from None
+    if not isinstance(raw, dict):
+        raise TypeError(
+            f"{where}: 'shapes' metadata is a JSON {type(raw).__name__}, expected a JSON object of "
+            f"parameter name -> list of dimensions"
+        )
+    out = {}
+    for n, dims in raw.items():
+        if not isinstance(dims, list):
+            raise TypeError(
+                f"{where}: shape of parameter {n!r} is {dims!r}, expected a list of non-negative integers"
+            )
+        out[n] = _check_shape(dims, f"{where}: shape of parameter {n!r}")
+    return out
 
 
 def num_selected(density: float, numel: int) -> int:
     """``floor(density * numel)``, immune to float artifacts such as ``0.29 * 100 = 28.999...``."""
-    if not (0.0 <= density <= 1.0) or math.isnan(density):
-        raise ValueError(f"density: expected a value in [0, 1], got {density}")
+    density = _check_density(density, "density")
+    try:
+        numel = operator.index(numel)
+    except TypeError:
+        raise TypeError(f"numel: expected a non-negative integer, got {type(numel).__name__}") from None
+    if numel < 0:
+        raise ValueError(f"numel: expected a non-negative integer, got {numel}")
     return min(numel, int(math.floor(density * numel + 1e-6)))
 
 
@@ -298,14 +500,29 @@ def select(scores: Mapping[str, torch.Tensor], density: float | Mapping[str, flo
     threshold go to the lowest flat positions, so the result is deterministic. Scores must be
     finite or +inf: a NaN score (from a NaN gradient) raises.
     """
+    if not isinstance(scores, Mapping):
+        raise TypeError(f"scores: expected a mapping of parameter names to score tensors, got {type(scores).__name__}")
+    for name, s in scores.items():
+        _check_name(name, "scores")
+        if not isinstance(s, torch.Tensor) or not s.is_floating_point():
+            got = s.dtype if isinstance(s, torch.Tensor) else type(s).__name__
+            raise TypeError(f"scores[{name!r}]: expected a floating tensor, got {got}")
+    if isinstance(density, Mapping):
+        missing = [n for n in scores if n not in density]
+        if missing:
+            raise ValueError(
+                f"density: the mapping has no density for {missing}; expected one value in [0, 1] "
+                f"per name of scores (or a single number for all)"
+            )
+        dens = {n: _check_density(density[n], f"density[{n!r}]") for n in scores}
+    else:
+        d = _check_density(density, "density")
+        dens = {n: d for n in scores}
     out = {}
     for name, s in scores.items():
-        if not isinstance(s, torch.Tensor) or not s.is_floating_point():
-            raise TypeError(f"scores[{name!r}]: expected a floating tensor")
-        d = density[name] if isinstance(density, Mapping) else density
         flat = s.detach().reshape(-1).float()
         if bool(torch.isnan(flat).any()):
             raise ValueError(f"scores[{name!r}] contains NaN (a NaN gradient during scoring?)")
-        k = num_selected(float(d), flat.numel())
+        k = num_selected(dens[name], flat.numel())
         out[name] = Mask(_topk_sorted(flat, k), s.shape)
     return MaskSet(out)

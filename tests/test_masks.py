@@ -123,8 +123,49 @@ def test_select_per_name_density_mapping():
 
 
 def test_select_per_name_density_missing_name_raises():
-    with pytest.raises(KeyError):
+    with pytest.raises(ValueError, match=r"density.*\['b'\].*per name of scores"):
         select({"a": torch.rand(10), "b": torch.rand(10)}, {"a": 0.5})
+
+
+@pytest.mark.parametrize("bad", ["0.1", None, True, [0.1], torch.rand(3), object()],
+                         ids=["str", "none", "bool", "list", "tensor3", "object"])
+def test_select_non_numeric_density_raises_naming_argument(bad):
+    scores = {"a": torch.rand(10), "visual.b": torch.rand(10)}
+    with pytest.raises(TypeError, match=r"density\['visual\.b'\].*number in \[0, 1\]"):
+        select(scores, {"a": 0.5, "visual.b": bad})
+    with pytest.raises(TypeError, match=r"^density: expected a number in \[0, 1\]"):
+        select(scores, bad)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), float("inf")], ids=["negative", "above_one", "nan", "inf"])
+def test_select_density_mapping_out_of_range_names_entry(bad):
+    with pytest.raises(ValueError, match=r"density\['visual\.b'\].*\[0, 1\]"):
+        select({"a": torch.rand(10), "visual.b": torch.rand(10)}, {"a": 0.5, "visual.b": bad})
+
+
+def test_select_density_accepts_numeric_types():
+    s = torch.rand(10) + 0.1
+    for d in (0.3, 1, torch.tensor(0.3), torch.tensor([0.3])):
+        assert select({"w": s}, d)["w"].k == num_selected(float(d), 10), repr(d)
+        assert select({"w": s}, {"w": d})["w"].k == num_selected(float(d), 10), repr(d)
+
+
+def test_select_rejects_non_string_names_and_non_mapping_scores():
+    with pytest.raises(TypeError, match=r"scores: parameter names must be strings.*3"):
+        select({3: torch.rand(10)}, 0.5)
+    with pytest.raises(TypeError, match=r"scores: expected a mapping"):
+        select([torch.rand(10)], 0.5)
+    with pytest.raises(TypeError, match=r"scores\['w'\].*floating tensor.*list"):
+        select({"w": [0.5, 0.2]}, 0.5)
+
+
+@pytest.mark.parametrize("density,numel,exc,pattern", [
+    ("0.5", 10, TypeError, r"density.*str"), (None, 10, TypeError, r"density"), (0.5, -1, ValueError, r"numel.*-1"),
+    (0.5, 2.5, TypeError, r"numel.*float"),
+], ids=["str_density", "none_density", "negative_numel", "float_numel"])
+def test_num_selected_rejects_bad_arguments(density, numel, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        num_selected(density, numel)
 
 
 def test_select_nan_raises_naming_tensor():
@@ -196,6 +237,37 @@ def test_mask_validation_errors(idx, exc, pattern):
     with pytest.raises(exc, match=pattern) as info:
         Mask(idx, (3, 5))
     assert "Mask.indices" in str(info.value), f"error should name Mask.indices: {info.value}"
+
+
+@pytest.mark.parametrize(
+    "shape,exc,pattern",
+    [
+        ((-3,), ValueError, r"dimension 0 is -3.*non-negative"),
+        ((4, -1), ValueError, r"dimension 1 is -1.*non-negative"),
+        ((2.5,), TypeError, r"dimension 0 is 2\.5 \(float\).*non-negative integer"),
+        ((3.0, 2), TypeError, r"dimension 0 is 3\.0 \(float\)"),
+        (("3",), TypeError, r"dimension 0 is '3' \(str\)"),
+        ((True, 2), TypeError, r"dimension 0 is a bool"),
+        ((None,), TypeError, r"dimension 0 is None"),
+        (5, TypeError, r"expected a shape.*got int"),
+        ("35", TypeError, r"expected a shape.*got str"),
+        (torch.tensor(3), TypeError, r"expected a shape.*got Tensor"),
+        ((2**40, 2**40), ValueError, r"more than 2\*\*63 - 1 entries"),
+    ],
+    ids=["negative", "negative_second", "float", "float_integral", "str_dim", "bool", "none", "int", "str", "tensor0d",
+         "overflow"],
+)
+def test_mask_shape_validation_errors(shape, exc, pattern):
+    with pytest.raises(exc, match=pattern) as info:
+        Mask(torch.empty(0, dtype=torch.int32), shape)
+    assert str(info.value).startswith("Mask.shape: "), f"error should name Mask.shape: {info.value}"
+
+
+def test_mask_shape_accepts_index_like_dims():
+    m = Mask(torch.tensor([0, 5], dtype=torch.int32), (torch.tensor(2), 3))
+    assert m.shape == torch.Size([2, 3]) and isinstance(m.shape, torch.Size)
+    assert Mask(torch.tensor([1]), [2]).shape == torch.Size([2])
+    assert Mask(torch.empty(0, dtype=torch.int32), ()).numel == 1
 
 
 def test_mask_empty_indices_ok():
@@ -277,6 +349,31 @@ def _rand_maskset(shapes: dict, p: float = 0.3) -> MaskSet:
 def test_maskset_rejects_non_mask():
     with pytest.raises(TypeError, match=r"masks\['x'\]"):
         MaskSet({"x": torch.tensor([1, 2])})
+
+
+def test_maskset_rejects_non_string_names_and_non_mapping():
+    m = Mask(torch.tensor([1]), (3,))
+    with pytest.raises(TypeError, match=r"masks: parameter names must be strings.*\(0,\).*tuple"):
+        MaskSet({(0,): m})
+    with pytest.raises(TypeError, match=r"masks: parameter names must be strings.*int"):
+        MaskSet({7: m})
+    with pytest.raises(TypeError, match=r"masks: expected a mapping"):
+        MaskSet([m])
+
+
+def test_maskset_from_indices_and_from_bool_name_the_parameter():
+    with pytest.raises(ValueError, match=r"shapes\['visual\.w'\]: dimension 0 is -4"):
+        MaskSet.from_indices({"visual.w": torch.tensor([0])}, {"visual.w": (-4,)})
+    with pytest.raises(TypeError, match=r"shapes\['visual\.w'\]: dimension 1 is 2\.5"):
+        MaskSet.from_indices({"visual.w": torch.tensor([0])}, {"visual.w": (3, 2.5)})
+    with pytest.raises(IndexError, match=r"indices\['visual\.w'\]: index out of range"):
+        MaskSet.from_indices({"visual.w": torch.tensor([0, 9])}, {"visual.w": (3,)})
+    with pytest.raises(TypeError, match=r"indices: parameter names must be strings"):
+        MaskSet.from_indices({1: torch.tensor([0])}, {1: (3,)})
+    with pytest.raises(TypeError, match=r"dense\['visual\.w'\]: expected a bool tensor, got torch\.float32"):
+        MaskSet.from_bool({"ok": torch.ones(2, dtype=torch.bool), "visual.w": torch.rand(3)})
+    with pytest.raises(TypeError, match=r"dense: parameter names must be strings"):
+        MaskSet.from_bool({2: torch.ones(2, dtype=torch.bool)})
 
 
 def test_maskset_from_indices_and_from_bool():
@@ -497,3 +594,227 @@ def test_maskset_load_without_shapes_metadata_raises(tmp_path):
     save_file({"w": torch.tensor([0, 1], dtype=torch.int32)}, str(path), metadata={"format": "fastmask.maskset/1"})
     with pytest.raises(ValueError, match="shapes"):
         MaskSet.load(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Malformed mask files: every error names the file and the parameter at fault
+# ----------------------------------------------------------------------------------------------
+def _write_maskfile(path, tensors, shapes=None, meta=None):
+    """A file laid out as MaskSet.save does: one tensor per name, ``format``/``fastmask_version``/``shapes``
+    metadata (``shapes`` as JSON, or a raw string); ``meta`` overrides those keys, ``None`` drops one."""
+    import json
+
+    from safetensors.torch import save_file
+
+    if shapes is None:
+        shapes = {n: [int(t.numel()) + 10] for n, t in tensors.items()}
+    full = {"format": "fastmask.maskset/1", "fastmask_version": "test",
+            "shapes": shapes if isinstance(shapes, str) else json.dumps(shapes)}
+    full.update(meta or {})
+    save_file(tensors, str(path), metadata={k: v for k, v in full.items() if v is not None})
+    return path
+
+
+def _file_and(path, *parts) -> str:
+    """A regex: the file's path, then each part, in order."""
+    import re
+
+    return re.escape(str(path)) + "".join(".*" + p for p in parts)
+
+
+def re_escape(path) -> str:
+    import re
+
+    return re.escape(str(path))
+
+
+I32 = torch.int32
+PARAM = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+PARAM_RE = r"'visual\.transformer\.resblocks\.0\.mlp\.c_fc\.weight'"
+
+
+@pytest.mark.parametrize(
+    "idx,shape,exc,pattern",
+    [
+        (torch.tensor([0, 5, 6], dtype=I32), [2, 3], IndexError, r"index out of range.*\[0, 6\].*6 entries"),
+        (torch.tensor([-2, 1], dtype=I32), [2, 3], IndexError, r"index out of range.*-2"),
+        (torch.tensor([4, 1], dtype=I32), [2, 3], ValueError, r"sorted and unique.*idx\[0\]=4"),
+        (torch.tensor([1, 1], dtype=I32), [2, 3], ValueError, r"sorted and unique"),
+        (torch.tensor([[0, 1], [2, 3]], dtype=I32), [2, 3], ValueError, r"1-D.*\(2, 2\)"),
+        (torch.tensor([1, 4], dtype=torch.int64), [2, 3], TypeError, r"dtype torch\.int64, expected int32"),
+        (torch.tensor([1, 4], dtype=torch.int16), [2, 3], TypeError, r"dtype torch\.int16, expected int32"),
+        (torch.tensor([1.0, 4.0]), [2, 3], TypeError, r"dtype torch\.float32, expected int32"),
+        (torch.tensor([True, False]), [2, 3], TypeError, r"dtype torch\.bool, expected int32"),
+    ],
+    ids=["too_large", "negative", "unsorted", "duplicate", "two_d", "int64", "int16", "float", "bool"],
+)
+def test_maskset_load_bad_indices_names_file_and_parameter(tmp_path, idx, shape, exc, pattern):
+    path = _write_maskfile(tmp_path / "bad_indices.safetensors",
+                           {"ok": torch.tensor([0], dtype=I32), PARAM: idx}, {"ok": [1], PARAM: shape})
+    with pytest.raises(exc, match=_file_and(path, PARAM_RE, pattern)):
+        MaskSet.load(path)
+
+
+@pytest.mark.parametrize(
+    "shapes,exc,pattern",
+    [
+        ('{"visual.w": [2, 3]', ValueError, r"'shapes' metadata is not valid JSON.*expected a JSON object"),
+        ("", ValueError, r"'shapes' metadata is not valid JSON"),
+        ('[["visual.w", [2, 3]]]', TypeError, r"'shapes' metadata is a JSON list, expected a JSON object"),
+        ('"visual.w"', TypeError, r"'shapes' metadata is a JSON str, expected a JSON object"),
+        ('null', TypeError, r"'shapes' metadata is a JSON NoneType, expected a JSON object"),
+        ('{"visual.w": [2, 3], "visual.w": [6]}', ValueError, r"'shapes' metadata names parameter 'visual\.w' twice"),
+    ],
+    ids=["truncated_json", "empty", "list", "string", "null", "duplicate_name"],
+)
+def test_maskset_load_bad_shapes_metadata_names_file(tmp_path, shapes, exc, pattern):
+    path = _write_maskfile(tmp_path / "bad_shapes.safetensors", {"visual.w": torch.tensor([1], dtype=I32)}, shapes)
+    with pytest.raises(exc, match=_file_and(path, pattern)):
+        MaskSet.load(path)
+
+
+@pytest.mark.parametrize(
+    "dims,exc,pattern",
+    [
+        ("[-48]", ValueError, r"dimension 0 is -48.*non-negative integer"),
+        ("[4, -12]", ValueError, r"dimension 1 is -12"),
+        ("[2.5, 3]", TypeError, r"dimension 0 is 2\.5 \(float\).*non-negative integer"),
+        ("[6.0]", TypeError, r"dimension 0 is 6\.0 \(float\)"),
+        ('["6"]', TypeError, r"dimension 0 is '6' \(str\)"),
+        ("[true, 6]", TypeError, r"dimension 0 is a bool"),
+        ("[null]", TypeError, r"dimension 0 is None"),
+        ("[[2, 3]]", TypeError, r"dimension 0 is \[2, 3\] \(list\)"),
+        ("[NaN]", TypeError, r"dimension 0 is nan"),
+        ("6", TypeError, r"is 6, expected a list of non-negative integers"),
+        ('"2x3"', TypeError, r"is '2x3', expected a list of non-negative integers"),
+        ('{"rows": 2}', TypeError, r"expected a list of non-negative integers"),
+        ("[1099511627776, 1099511627776]", ValueError, r"more than 2\*\*63 - 1 entries"),
+    ],
+    ids=["negative", "negative_second", "float", "float_integral", "str", "bool", "null", "nested", "nan", "int",
+         "string", "object", "overflow"],
+)
+def test_maskset_load_bad_shape_entry_names_file_and_parameter(tmp_path, dims, exc, pattern):
+    path = _write_maskfile(tmp_path / "bad_dims.safetensors",
+                           {"ok": torch.tensor([0], dtype=I32), PARAM: torch.empty(0, dtype=I32)},
+                           f'{{"ok": [1], "{PARAM}": {dims}}}')
+    with pytest.raises(exc, match=_file_and(path, r"shape of parameter " + PARAM_RE, pattern)):
+        MaskSet.load(path)
+
+
+def test_maskset_load_tensor_without_shape_entry_and_vice_versa(tmp_path):
+    t = torch.tensor([0, 2], dtype=I32)
+    path = _write_maskfile(tmp_path / "extra_tensor.safetensors", {"a": t, "visual.extra": t.clone()}, {"a": [4]})
+    with pytest.raises(ValueError, match=_file_and(path, r"tensors without a 'shapes' entry: \['visual\.extra'\]",
+                                                   r"expected one int32 tensor per 'shapes' entry")):
+        MaskSet.load(path)
+    path = _write_maskfile(tmp_path / "extra_shape.safetensors", {"a": t}, {"a": [4], "visual.gone": [3]})
+    with pytest.raises(ValueError, match=_file_and(path, r"'shapes' entries without a tensor: \['visual\.gone'\]")):
+        MaskSet.load(path)
+    path = _write_maskfile(tmp_path / "both.safetensors", {"a": t, "x": t.clone()}, {"a": [4], "y": [4]})
+    with pytest.raises(ValueError, match=_file_and(path, r"without a 'shapes' entry: \['x'\]",
+                                                   r"without a tensor: \['y'\]")):
+        MaskSet.load(path)
+
+
+def test_maskset_load_missing_metadata_keys_names_file(tmp_path):
+    t = {"w": torch.tensor([0, 1], dtype=I32)}
+    path = _write_maskfile(tmp_path / "no_format.safetensors", t, meta={"format": None})
+    with pytest.raises(ValueError, match=_file_and(path, r"not a fastmask MaskSet file.*no 'format' metadata",
+                                                   r"fastmask\.maskset/1")):
+        MaskSet.load(path)
+    path = _write_maskfile(tmp_path / "no_shapes.safetensors", t, meta={"shapes": None})
+    with pytest.raises(ValueError, match=_file_and(path, r"without its 'shapes' metadata")):
+        MaskSet.load(path)
+    path = _write_maskfile(tmp_path / "other_format.safetensors", t, meta={"format": "fastmask.maskset/2"})
+    with pytest.raises(ValueError, match=_file_and(path, r"format 'fastmask\.maskset/2'.*expected 'fastmask\.maskset/1'")):
+        MaskSet.load(path)
+    # fastmask_version is informative only: a file without it loads.
+    path = _write_maskfile(tmp_path / "no_version.safetensors", t, {"w": [3]}, meta={"fastmask_version": None})
+    assert MaskSet.load(path)["w"].indices.tolist() == [0, 1]
+
+
+def test_maskset_load_empty_file_set_ok(tmp_path):
+    path = tmp_path / "empty.safetensors"
+    MaskSet().save(path)
+    assert len(MaskSet.load(path)) == 0
+
+
+@pytest.mark.parametrize("content", [b"", b"hello world, not a safetensors file", b"\xff" * 64],
+                         ids=["empty", "text", "garbage"])
+def test_maskset_load_non_safetensors_bytes_names_file(tmp_path, content):
+    path = tmp_path / "junk.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=_file_and(path, r"not a readable safetensors file")):
+        MaskSet.load(path)
+    with pytest.raises(ValueError, match=_file_and(path, r"not a readable safetensors file")):
+        MaskSet.metadata(path)
+
+
+def test_maskset_load_truncated_file_names_file(tmp_path):
+    path = tmp_path / "masks.safetensors"
+    select({"w": torch.rand(40)}, 0.5).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[:-8])
+    with pytest.raises(ValueError, match=_file_and(path, r"not a readable safetensors file")):
+        MaskSet.load(path)
+
+
+def test_maskset_load_missing_file_or_directory_names_path(tmp_path):
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(FileNotFoundError, match=re_escape(missing)):
+        MaskSet.load(missing)
+    with pytest.raises(IsADirectoryError, match=_file_and(tmp_path, r"is a directory")):
+        MaskSet.load(tmp_path)
+
+
+def test_maskset_save_reserved_metadata_keys_write_nothing(tmp_path):
+    ms = select({"w": torch.rand(10)}, 0.3)
+    path = tmp_path / "masks.safetensors"
+    for key in ("format", "shapes", "fastmask_version"):
+        with pytest.raises(ValueError, match=_file_and(path, r"metadata.*\['" + key + r"'\].*reserved")):
+            ms.save(path, metadata={"task": "a", key: "x"})
+    assert list(tmp_path.iterdir()) == [], "a failed save must write nothing"
+    with pytest.raises(TypeError, match=_file_and(path, r"metadata: expected a mapping")):
+        ms.save(path, metadata=[("task", "a")])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_maskset_save_refuses_safetensors_reserved_name(tmp_path):
+    ms = MaskSet({"__metadata__": Mask(torch.tensor([1]), (3,))})
+    path = tmp_path / "masks.safetensors"
+    with pytest.raises(ValueError, match=_file_and(path, r"parameter '__metadata__'.*reserved")):
+        ms.save(path)
+    assert not path.exists()
+
+
+def test_maskset_failed_save_keeps_previous_file_and_leaves_no_temporaries(tmp_path):
+    path = tmp_path / "masks.safetensors"
+    old = select({"w": torch.rand(10)}, 0.3)
+    old.save(path, metadata={"task": "1"})
+    before = path.read_bytes()
+    with pytest.raises(ValueError):
+        select({"w": torch.rand(10)}, 0.6).save(path, metadata={"shapes": "x"})
+    assert path.read_bytes() == before, "a failed save must leave the previous file untouched"
+    new = select({"w": torch.rand(10)}, 0.6)
+    new.save(path)
+    assert MaskSet.load(path) == new
+    assert [p.name for p in tmp_path.iterdir()] == ["masks.safetensors"], "temporary files left behind"
+
+
+def test_maskset_save_to_missing_directory_names_path(tmp_path):
+    path = tmp_path / "no" / "such" / "masks.safetensors"
+    with pytest.raises(FileNotFoundError, match=re_escape(path)):
+        select({"w": torch.rand(10)}, 0.3).save(path)
+    with pytest.raises(IsADirectoryError, match=re_escape(tmp_path)):
+        select({"w": torch.rand(10)}, 0.3).save(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_maskset_save_through_symlink_writes_target(tmp_path):
+    target = tmp_path / "real.safetensors"
+    link = tmp_path / "link.safetensors"
+    MaskSet().save(target)
+    link.symlink_to(target)
+    ms = select({"w": torch.rand(10)}, 0.3)
+    ms.save(link)
+    assert link.is_symlink() and MaskSet.load(target) == ms
