@@ -458,7 +458,7 @@ def test_no_host_sync_inside_step_cuda():
     params = [nn.Parameter(torch.randn(s, device="cuda")) for s in SHAPES]
     masks = {p: random_indices(p.numel(), p.numel() // 10).cuda() for p in params}
     dense = nn.Parameter(torch.randn(11, device="cuda"))
-    opt = MaskedAdamW(params + [dense], lr=torch.tensor(1e-3, device="cuda"), masks=masks)
+    opt = MaskedAdamW(params + [dense], lr=torch.tensor(1e-3, device="cuda"), masks=masks, fused=True)
     for p in params + [dense]:
         p.grad = torch.randn_like(p)
     opt.step()  # first step validates the index buffers (one sync, by design)

@@ -431,10 +431,31 @@ class MaskedAdamW(torch.optim.Optimizer):
         _check_scalar(f"{where}['lr']", group["lr"])
         _check_scalar(f"{where}['eps']", group["eps"])
         _check_scalar(f"{where}['weight_decay']", group["weight_decay"])
-        for i, b in enumerate(group["betas"]):
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"{where}['betas']: expected a pair (beta1, beta2), got {betas!r}")
+        for i, b in enumerate(betas):
             _check_scalar(f"{where}['betas'][{i}]", b, upper=1.0)
         if group.get("differentiable"):
             raise NotImplementedError(f"{where}['differentiable']: differentiable=True is not supported")
+        if group["fused"] and group["foreach"]:
+            raise RuntimeError(f"{where}: `fused` and `foreach` cannot be `True` together")
+        dense = [p for p in group["params"] if p.grad is not None and p not in self._mask_of]
+        if dense and group["foreach"] and not group["capturable"]:
+            # torch's foreach AdamW refuses these; refuse them before anything is written
+            if isinstance(group["lr"], torch.Tensor):
+                raise ValueError(f"{where}['lr']: lr as a Tensor is not supported for capturable=False and foreach=True")
+            if isinstance(betas[0], torch.Tensor):
+                raise ValueError(f"{where}['betas']: betas as Tensors are not supported for capturable=False and "
+                                 "foreach=True")
+        if dense and group["capturable"]:
+            from torch.optim.optimizer import _get_capturable_supported_devices
+
+            ok = _get_capturable_supported_devices()
+            for p in dense:
+                if p.device.type not in ok:
+                    raise RuntimeError(f"{where}['capturable']: capturable=True needs parameters on one of {ok}; "
+                                       f"{self._name(p)} is on {p.device}")
         for p in group["params"]:
             g = p.grad
             if g is None:
@@ -662,9 +683,16 @@ class MaskedAdamW(torch.optim.Optimizer):
                 self._check_masked_entry(p, st, idx.numel(), name, None)
             elif st is not None:
                 for key in _MASKED_KEYS:
-                    if key in st and tuple(st[key].shape) != tuple(p.shape):
+                    if key not in st:
+                        continue
+                    if not isinstance(st[key], torch.Tensor):
+                        raise TypeError(f"loaded state {key!r} for {name} must be a tensor, got "
+                                        f"{type(st[key]).__name__}")
+                    if tuple(st[key].shape) != tuple(p.shape):
                         raise ValueError(f"loaded state {key!r} for {name} has shape {tuple(st[key].shape)}, "
                                          f"expected {tuple(p.shape)}")
+                if "step" in st:
+                    self._check_step_value(st["step"], name)
 
         # 2. Build what changes (new tensors only), then commit.
         buckets = None
@@ -705,6 +733,15 @@ class MaskedAdamW(torch.optim.Optimizer):
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
+    @staticmethod
+    def _check_step_value(step: Any, name: str) -> None:
+        if isinstance(step, torch.Tensor):
+            if step.numel() != 1:
+                raise ValueError(f"loaded state 'step' for {name} must have one element, got shape {tuple(step.shape)}")
+        elif isinstance(step, bool) or not isinstance(step, (int, float)):
+            raise TypeError(f"loaded state 'step' for {name} must be a number or a one-element tensor, "
+                            f"got {type(step).__name__}")
+
     def _check_masked_entry(self, p: torch.Tensor, st: Mapping, k: int, name: str, mine: dict | None) -> None:
         """The saved compact state of a masked param fits a mask of ``k`` entries."""
         n = k * (2 if p.is_complex() else 1)
@@ -716,8 +753,13 @@ class MaskedAdamW(torch.optim.Optimizer):
                 continue
             if not isinstance(st[key], torch.Tensor) or st[key].numel() != n:
                 raise ValueError(f"loaded state {key!r} for {name} must be a tensor of {n} entries")
+        for key in _MASKED_KEYS:
+            if key in st and st[key].dim() != 1:
+                raise ValueError(f"loaded state {key!r} for {name} must be 1-D (compact), got shape "
+                                 f"{tuple(st[key].shape)}")
         if "step" not in st:
             raise ValueError(f"loaded state for {name} lacks 'step'")
+        self._check_step_value(st["step"], name)
         if "scores" in st and (mine is None or "scores" in mine) and tuple(st["scores"].shape) != tuple(p.shape):
             raise ValueError(f"loaded state 'scores' for {name} has shape {tuple(st['scores'].shape)}, "
                              f"expected {tuple(p.shape)}")
