@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["why_not", "masked_adamw_step_", "score_accumulate_", "build_jit", "info", "load"]
+__all__ = ["why_not", "why_not_call", "masked_adamw_step_", "score_accumulate_", "build_jit", "info", "load"]
 
 _PKG_DIR = Path(__file__).resolve().parent
 _LIB_NAME = "_C"
@@ -192,6 +192,20 @@ def why_not(device_type: str) -> str | None:
                     + (" (torch had no CUDA or nvcc was not found at build time)" if not built else "")
                     + "; rebuild with a CUDA torch and nvcc on PATH")
         return f"the compiled extension has no {device_type} kernels"
+    return None
+
+
+#: Param dtypes the compiled kernels take (state and arithmetic are fp32 whatever the param dtype).
+_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def why_not_call(param_dtype: torch.dtype, contiguous: bool) -> str | None:
+    """Why this backend cannot run a masked step whose params have this dtype and layout (None: it can)."""
+    if param_dtype not in _PARAM_DTYPES:
+        return f"the compiled kernels take float32/bfloat16/float16 params (got {param_dtype})"
+    if not contiguous:
+        return ("the compiled kernels take contiguous params and grads (got a strided view); "
+                "the reference backend serves this call")
     return None
 
 

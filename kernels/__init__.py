@@ -14,7 +14,7 @@ except Exception as exc:  # import failure becomes this backend's reason, never 
 else:
     _IMPORT_ERROR = None
 
-__all__ = ["why_not", "masked_adamw_step_", "score_accumulate_"]
+__all__ = ["why_not", "why_not_call", "masked_adamw_step_", "score_accumulate_"]
 
 
 def why_not(device_type: str) -> str | None:
@@ -35,6 +35,18 @@ def why_not(device_type: str) -> str | None:
         return ("Triton compiles for GPUs only; CPU tensors run only under the Triton interpreter "
                 "(set TRITON_INTERPRET=1 before fastmask.kernels is imported; slow, for tests)")
     return f"Triton kernels here target CUDA GPUs (and the CPU interpreter), not {device_type!r} tensors"
+
+
+def why_not_call(param_dtype: torch.dtype, contiguous: bool) -> str | None:
+    """Why this backend cannot run a masked step whose params have this dtype and layout (None: it can)."""
+    import torch
+
+    if param_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"the Triton kernels take float32/bfloat16/float16 params (got {param_dtype})"
+    if not contiguous:
+        return ("the Triton kernels take contiguous params and grads (got a strided view); "
+                "the reference backend serves this call")
+    return None
 
 
 if _IMPORT_ERROR is None:
