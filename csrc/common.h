@@ -1,12 +1,26 @@
 // Shared by the CPU and CUDA bindings: schemas, dtype mapping and layout checks.
-// fastmask/ops.py checked everything already; these re-checks are cheap (metadata only) and keep
-// a direct call of torch.ops.fastmask_ext.* from writing out of bounds.
+//
+// What the C++ layer checks, on every call (fastmask/ops.py checks the same and more first, but
+// torch.ops.fastmask_ext.* can be called directly, and its index check is cached per version of
+// the index buffer, which a write through .data, a numpy view or another tensor on the same
+// storage does not bump):
+//  * here, metadata only: devices, dtypes, contiguity, shapes of every tensor, the segment
+//    offsets (0 .. idx.numel(), non-decreasing, no segment longer than its tensor), <= 2^31 - 1
+//    entries per tensor; a violation raises before anything is written;
+//  * in the kernels (CPU and CUDA), every index as it is used: one outside [0, numel) of its
+//    tensor is skipped (nothing read or written at it, its optimizer state unchanged) and
+//    counted; the other entries are stepped, then the op raises IndexError (CPU) or fails a
+//    device-side assertion (CUDA, no host sync).
+// So whatever idx holds, a call never reads or writes outside its tensors. Order and uniqueness
+// of the indices are not checked here: unsorted or duplicate indices (which fastmask/ops.py
+// rejects) give unspecified results within the tensors.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <c10/util/string_view.h>
 
 #include <optional>
+#include <string>
 
 #include "adamw_math.h"
 
@@ -78,6 +92,21 @@ inline void check_step_layout(at::TensorList params, at::TensorList grads, const
                   "scores[", t, "]: expected a contiguous float32 tensor shaped like params[", t, "]");
     }
   }
+}
+
+// The IndexError of a step whose idx held entries outside their tensor (kernels skipped them).
+inline std::string index_error_message(int64_t count, int64_t tensor, int64_t numel, int64_t first_value,
+                                       int64_t total, int64_t tensors) {
+  std::string msg = "idx: " + std::to_string(count) + (count == 1 ? " index of tensor " : " indices of tensor ") +
+                    std::to_string(tensor) + (count == 1 ? " is" : " are") + " outside [0, " +
+                    std::to_string(numel) + ") (first: " + std::to_string(first_value) + ")";
+  if (tensors > 1) msg += ", " + std::to_string(total) + " in " + std::to_string(tensors) + " tensors in all";
+  msg +=
+      "; nothing was read or written at them (their optimizer state is unchanged); the other selected entries "
+      "were stepped. The index buffer was written after fastmask checked it without bumping its version "
+      "(through .data, a numpy view or another tensor on the same storage), or the backend op was called "
+      "directly: keep indices in range, sorted and unique, and write them in place only through torch ops.";
+  return msg;
 }
 
 }  // namespace fastmask

@@ -66,7 +66,14 @@ void masked_adamw_step_cpu(at::TensorList params, at::TensorList grads, const at
   a.with_scores = !scores.empty();
   a.score_mode = mode;
   a.num_threads = at::get_num_threads();
+  cpu::IndexErrors errors{};
+  a.errors = &errors;
   cpu::masked_adamw_step(a);
+  if (errors.count != 0) {
+    const int64_t t = errors.first_tensor;
+    TORCH_CHECK_INDEX(false, index_error_message(errors.first_count, t, params[t].numel(), errors.first_value,
+                                                 errors.count, errors.tensors));
+  }
 }
 
 void score_accumulate_cpu(at::TensorList scores, at::TensorList grads, c10::string_view score_mode) {

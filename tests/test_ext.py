@@ -414,3 +414,196 @@ def test_cpu_isa_variants_bit_identical(tmp_path):
                     assert all(torch.equal(x, y) for x, y in zip(a, b)), f"{isa} vs {native['isa']}: {name} {key}"
                 elif a is not None:
                     assert torch.equal(a, b), f"{isa} vs {native['isa']}: {name} {key}"
+
+
+# ---------------------------------------------------------------------------------------------
+# index safety: the kernels check every index they use (fastmask.ops' check is cached per version
+# of the index buffer, and the backend op can be called directly)
+# ---------------------------------------------------------------------------------------------
+GUARD = 1031  # entries of poisoned memory before, between and after the params
+# shapes: several threads, AVX-512 blocks and tails, and (70001) more than one fused-score chunk
+BAD_SHAPES = [(300, 33), (7,), (70001,)]
+BAD_VALUES = {  # three out-of-range indices each, in the order they are placed
+    "past-end": lambda n: [n, n + 1, n + 2],
+    "far": lambda n: [2**30, 2**31 - 2, 2**31 - 1],
+    "minus-one": lambda n: [-3, -2, -1],
+    "int32-min": lambda n: [-(2**31), -(2**31) + 1, -(2**30)],
+}
+
+
+def _poisoned_problem(dtype, seed=21):
+    """make_problem(BAD_SHAPES) whose params and grads are views of one larger buffer each, with
+    GUARD poisoned entries around every tensor."""
+    pr = make_problem(BAD_SHAPES, dtype=dtype, density=0.2, seed=seed)
+    sizes = [p.numel() for p in pr.params]
+    total = GUARD + sum(n + GUARD for n in sizes)
+    gen = torch.Generator().manual_seed(seed + 1)
+    pbuf = torch.randn(total, generator=gen).to(dtype)
+    gbuf = torch.randn(total, generator=gen).to(dtype)
+    params, grads, pos = [], [], GUARD
+    for p, g, n in zip(pr.params, pr.grads, sizes):
+        params.append(pbuf[pos:pos + n].view(p.shape))
+        grads.append(gbuf[pos:pos + n].view(p.shape))
+        params[-1].copy_(p)
+        grads[-1].copy_(g)
+        pos += n + GUARD
+    inside = torch.zeros(total, dtype=torch.bool)
+    pos = GUARD
+    for n in sizes:
+        inside[pos:pos + n] = True
+        pos += n + GUARD
+    pr.params, pr.grads = params, grads
+    return pr, pbuf, gbuf, inside
+
+
+def _ext_step(params, grads, idx, m, v, offsets, steps, vm, scores, mode):
+    torch.ops.fastmask_ext.masked_adamw_step_(
+        params, grads, idx, m, v, offsets, steps, torch.tensor(1e-2, dtype=torch.float64), 0.9, 0.999, 1e-8, 0.1,
+        False, vm, None, None, scores, mode)
+
+
+def _check_bad_indices(dtype, kind, placement, where, fused, amsgrad):
+    """Put three out-of-range indices in tensor `where` (sorted: at the front for negative ones, at
+    the end for the others; middle: unsorted, in the middle) and call the backend op directly:
+    IndexError naming idx, nothing outside the params written, nothing read or written at the bad
+    entries, every other entry stepped exactly as without them."""
+    pr, pbuf, gbuf, inside = _poisoned_problem(dtype)
+    t = where
+    lo, hi = pr.offsets[t], pr.offsets[t + 1]
+    numel = pr.params[t].numel()
+    values = BAD_VALUES[kind](numel)
+    if placement == "middle":
+        at = (lo + hi) // 2 + torch.arange(3)
+    elif values[0] < 0:
+        at = lo + torch.arange(3)
+    else:
+        at = hi - 3 + torch.arange(3)
+    idx = pr.idx.clone()
+    idx[at] = torch.tensor(values, dtype=torch.int32)
+    keep = torch.ones(idx.numel(), dtype=torch.bool)
+    keep[at] = False
+
+    gen = torch.Generator().manual_seed(5)
+    scores0 = [torch.randn(p.shape, generator=gen) for p in pr.params] if fused else []
+    mode = "fisher" if fused else "grad"
+    pbuf0, gbuf0 = pbuf.clone(), gbuf.clone()
+    m, v, vm = pr.exp_avg.clone(), pr.exp_avg_sq.clone(), pr.max_exp_avg_sq.clone() if amsgrad else None
+    scores = [s.clone() for s in scores0]
+    with pytest.raises(IndexError, match=rf"^idx: 3 indices of tensor {t} are outside \[0, {numel}\) "
+                                         rf"\(first: {values[0]}\);"):
+        _ext_step(pr.params, pr.grads, idx, m, v, pr.offsets, pr.steps, vm, scores, mode)
+    # memory outside the params: bit-identical; grads never written
+    assert torch.equal(pbuf[~inside].view(torch.int16 if dtype != torch.float32 else torch.int32),
+                       pbuf0[~inside].view(torch.int16 if dtype != torch.float32 else torch.int32)), \
+        "memory outside the params was written"
+    assert torch.equal(gbuf, gbuf0), "grads were written"
+    # the bad entries' state: unchanged
+    assert torch.equal(m[~keep], pr.exp_avg[~keep]) and torch.equal(v[~keep], pr.exp_avg_sq[~keep])
+    if amsgrad:
+        assert torch.equal(vm[~keep], pr.max_exp_avg_sq[~keep])
+
+    # every other entry: exactly as a step over the valid entries alone
+    offsets = [int(keep[:o].sum()) for o in pr.offsets]
+    params = [p.clone() for p in _poisoned_problem(dtype)[0].params]
+    mc, vc = pr.exp_avg[keep].clone(), pr.exp_avg_sq[keep].clone()
+    vmc = pr.max_exp_avg_sq[keep].clone() if amsgrad else None
+    sc = [s.clone() for s in scores0]
+    _ext_step(params, [g.clone() for g in pr.grads], idx[keep].clone(), mc, vc, offsets, pr.steps, vmc, sc, mode)
+    for u, (a, b) in enumerate(zip(pr.params, params)):
+        assert torch.equal(a, b), f"params[{u}] differ from a step without the bad entries"
+    assert torch.equal(m[keep], mc) and torch.equal(v[keep], vc)
+    if amsgrad:
+        assert torch.equal(vm[keep], vmc)
+    for u, (a, b) in enumerate(zip(scores, sc)):
+        assert torch.equal(a, b), f"scores[{u}] differ"
+
+
+@needs_ext
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adamw", "amsgrad"])
+@pytest.mark.parametrize("fused", [False, True], ids=["step", "step+scores"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("where", [0, 2], ids=["first-tensor", "last-tensor"])
+@pytest.mark.parametrize("placement", ["sorted", "middle"])
+@pytest.mark.parametrize("kind", list(BAD_VALUES))
+def test_out_of_range_indices_never_touch_memory(kind, placement, where, dtype, fused, amsgrad):
+    _check_bad_indices(dtype, kind, placement, where, fused, amsgrad)
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", ["default", "avx2"])
+def test_out_of_range_indices_other_cpu_isa_variants(isa):
+    """The same checks in the instruction-set variants this CPU does not pick by default."""
+    code = textwrap.dedent("""
+        import itertools, torch
+        from tests.test_ext import _check_bad_indices
+        print("isa", torch.ops.fastmask_ext.cpu_isa())
+        for dtype, kind, fused in itertools.product((torch.float32, torch.bfloat16), ("far", "int32-min"),
+                                                    (False, True)):
+            _check_bad_indices(dtype, kind, "sorted", 2, fused, True)
+            _check_bad_indices(dtype, kind, "middle", 0, fused, False)
+        print("ok")
+    """)
+    root = Path(fastmask.__file__).resolve().parent.parent
+    env = {**os.environ, "FASTMASK_CPU_ISA": isa, "PYTHONPATH": str(root)}
+    out = subprocess.run([sys.executable, "-c", "import fastmask._ext\n" + code], capture_output=True, text=True,
+                         env=env, cwd=root)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-4000:]
+    if sys.platform.startswith("linux") and os.uname().machine == "x86_64":
+        assert f"isa {isa}" in out.stdout, out.stdout
+
+
+@needs_ext
+@pytest.mark.parametrize("how", ["data", "numpy", "alias"])
+@pytest.mark.parametrize("track", [None, "abs"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_index_write_without_version_bump_raises(dtype, track, how):
+    """A write to a mask that does not bump the index buffer's version (so fastmask.ops' cached
+    check does not see it) reaches the kernel, which skips the bad entry and raises: the neighbour
+    sharing the storage is not written."""
+    gen = torch.Generator().manual_seed(31)
+    base = torch.randn(64 + 200, generator=gen).to(dtype)
+    a = torch.nn.Parameter(base[:64].view(8, 8))
+    b = torch.nn.Parameter(base[64:])
+    assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()  # one storage, b right after a
+    a_sel = [1, 5, 9, 30, 60]
+    b_sel = torch.cat([torch.arange(0, 3), torch.arange(4, 200, 4)]).to(torch.int32)  # not b's entry 3
+    opt = fastmask.MaskedAdamW([a, b], lr=1e-2, weight_decay=0.1, masks={a: torch.tensor(a_sel), b: b_sel},
+                               track_scores=track)
+
+    def step():
+        a.grad = torch.randn(a.shape, generator=gen).to(dtype)
+        b.grad = torch.randn(b.shape, generator=gen).to(dtype)
+        opt.step()
+
+    with backends.use("ext"):
+        step()  # the index buffer is checked (and the check cached)
+        idx = opt.masks[a]
+        version = idx._version
+        if how == "data":
+            idx.data[-1] = 64 + 3  # b's entry 3, which b's mask does not select
+        elif how == "numpy":
+            idx.numpy()[-1] = 64 + 3
+        else:
+            alias = torch.empty(0, dtype=torch.int32).set_(idx.untyped_storage(), idx.storage_offset(), idx.shape)
+            alias[-1] = 64 + 3
+        assert idx._version == version and int(idx[-1]) == 67  # the cached check cannot see it
+        a_before, b_before = a.detach().clone(), b.detach().clone()
+        with pytest.raises(IndexError, match=r"idx: 1 index of tensor 0 is outside \[0, 64\) \(first: 67\)"):
+            step()
+    b_unselected = torch.ones(200, dtype=torch.bool)
+    b_unselected[b_sel.long()] = False
+    assert torch.equal(b.detach()[b_unselected], b_before[b_unselected]), "the neighbouring param was written"
+    assert torch.equal(b.detach()[3], b_before[3])
+    a_unselected = torch.ones(64, dtype=torch.bool)
+    a_unselected[a_sel] = False
+    a_unselected[60] = True  # replaced by the bad index: not stepped
+    assert torch.equal(a.detach().view(-1)[a_unselected], a_before.view(-1)[a_unselected])
+
+
+def test_why_not_call():
+    assert _ext.why_not_call(torch.float32, True) is None
+    assert _ext.why_not_call(torch.bfloat16, True) is None
+    assert _ext.why_not_call(torch.float16, True) is None
+    assert "torch.float64" in _ext.why_not_call(torch.float64, True)
+    reason = _ext.why_not_call(torch.float32, False)
+    assert isinstance(reason, str) and "contiguous" in reason

@@ -24,6 +24,17 @@ struct StepTensor {
   TensorScalars s;
 };
 
+// Entries of idx outside [0, numel) of their tensor, found by the last masked_adamw_step: such an
+// entry is skipped (its p and g are never read, p never written, its exp_avg / exp_avg_sq /
+// max_exp_avg_sq left as they were) and counted here; every other entry is stepped.
+struct IndexErrors {
+  int64_t count;         // all such entries
+  int64_t tensors;       // tensors holding at least one
+  int64_t first_tensor;  // the first of them (-1: none)
+  int64_t first_count;   // how many it holds
+  int64_t first_value;   // its first one (lowest compact position)
+};
+
 struct StepArgs {
   const StepTensor* tensors;
   int64_t num_tensors;
@@ -39,6 +50,7 @@ struct StepArgs {
   bool with_scores;
   ScoreMode score_mode;
   int num_threads;
+  IndexErrors* errors;  // out: filled by masked_adamw_step (required)
 };
 
 struct ScoreTensor {

@@ -19,6 +19,9 @@
 // The maths is adamw_entry (adamw_math.h) written with intrinsics: the same IEEE operations in the
 // same order (no reciprocal approximations, no fusion beyond adamw_entry's explicit fmas), so the
 // results are bit-identical to the other variants' (tests/test_ext.py checks it).
+// Index safety: the lanes of a block whose index is outside [0, numel) (one unsigned compare of
+// the 16 indices) are dropped from the lane mask of every gather, load, store and scatter, and
+// recorded on a cold path (kernels_impl.h, BadLog).
 
 // GCC 12 warns about the intrinsics' own undefined-register idiom (_mm512_undefined_ps).
 #pragma GCC diagnostic push
@@ -40,7 +43,8 @@ static inline __mmask16 lanes(int64_t n) {
 // Walks the compact entries [k, end) of a thread's range, tensor by tensor, ahead of the step and
 // prefetches each 64 B line of p that holds a selected entry, and that entry's line of g, once.
 // Lines are found from absolute addresses, so a param that is a view not aligned to 64 B is
-// covered too (its gradient's lines are then those of each line's first entry).
+// covered too (its gradient's lines are then those of each line's first entry). Indices are not
+// range-checked here: a prefetch never faults, and step_block checks every index it uses.
 class LinePrefetcher {
  public:
   LinePrefetcher(const StepArgs& a, int64_t t, int64_t k, int64_t end) : a_(a), t_(t), k_(k), end_(end) {}
@@ -110,12 +114,26 @@ struct VecConsts {
   }
 };
 
-// One block: compact entries [j, j + popcount(m16)) of tensor t (m16 = leading lanes).
+// Lanes `bad` of a block (cold): record their indices.
+__attribute__((noinline, cold)) static void note_bad_lanes(BadLog& log, const StepArgs& a, int64_t ti, int64_t j,
+                                                           __m512i q, int64_t n) {
+  alignas(64) int32_t vals[16];
+  _mm512_store_si512(vals, q);
+  note_bad(log, a, ti, j, vals, n);
+}
+
+// One block: compact entries [j, j + n) of tensor ti (m16 = lanes(n)). Lanes whose index is
+// outside [0, numel) take no part: m16 becomes the in-range lanes.
 template <bool AMSGRAD>
-static inline void step_block(const StepArgs& a, const StepTensor& t, int64_t j, __mmask16 m16, const VecConsts& k) {
+static inline void step_block(const StepArgs& a, int64_t ti, int64_t j, int64_t n, const VecConsts& k, BadLog& log) {
+  const StepTensor& t = a.tensors[ti];
   float* P = static_cast<float*>(t.param);
   const float* G = static_cast<const float*>(t.grad);
-  const __m512i q = _mm512_maskz_loadu_epi32(m16, a.idx + j);
+  const __mmask16 all = lanes(n);
+  const __m512i q = _mm512_maskz_loadu_epi32(all, a.idx + j);
+  // unsigned compare: a negative index is huge; numel <= INT32_MAX (checked by the op)
+  const __mmask16 m16 = _mm512_mask_cmplt_epu32_mask(all, q, _mm512_set1_epi32(static_cast<int32_t>(t.numel)));
+  if (__builtin_expect(m16 != all, 0)) note_bad_lanes(log, a, ti, j, q, n);
   __m512 p = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m16, q, P, 4);
   __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m16, q, G, 4);
   const __m512 m = _mm512_maskz_loadu_ps(m16, a.exp_avg + j);
@@ -151,12 +169,12 @@ struct Stream {
   }
   // One block of up to 16 entries, not crossing a tensor's end.
   template <bool AMSGRAD>
-  inline void step(const StepArgs& a, const VecConsts& c) {
+  inline void step(const StepArgs& a, const VecConsts& c, BadLog& log) {
     const StepTensor& ten = a.tensors[t];
     const int64_t stop = ten.k_end < end ? ten.k_end : end;
     const int64_t n = stop - k < 16 ? stop - k : 16;
     pf.run_to(k + n + kLinePrefetch);
-    step_block<AMSGRAD>(a, ten, k, lanes(n), c);
+    step_block<AMSGRAD>(a, t, k, n, c, log);
     k += n;
     skip_finished(a);
   }
@@ -172,7 +190,7 @@ static inline bool use_two_streams(const StepArgs& a) {
 // Entries [lo, hi) (t0: the tensor holding entry lo) as S streams over consecutive sub-ranges,
 // advanced a block each in turn (more independent streams of lines in flight per core).
 template <bool AMSGRAD, int S>
-static void step_streams(const StepArgs& a, int64_t t0, int64_t lo, int64_t hi) {
+static void step_streams(const StepArgs& a, int64_t t0, int64_t lo, int64_t hi, BadLog& log) {
   const VecConsts c(a);
   alignas(Stream) unsigned char storage[S * sizeof(Stream)];
   Stream* st = reinterpret_cast<Stream*>(storage);
@@ -186,7 +204,7 @@ static void step_streams(const StepArgs& a, int64_t t0, int64_t lo, int64_t hi) 
     busy = false;
     for (int s = 0; s < S; ++s) {
       if (st[s].done()) continue;
-      st[s].template step<AMSGRAD>(a, c);
+      st[s].template step<AMSGRAD>(a, c, log);
       busy = true;
     }
   }
