@@ -9,6 +9,9 @@
 //    double, from steps and lr read on the device: no host sync.
 //  * a score block covers kScoreChunk consecutive entries of one tensor's gradient (dense pass).
 // found_inf (GradScaler) is read by every block: if non-zero, the block returns at once.
+// Index safety: an entry whose index is outside [0, numel) of its tensor (one unsigned compare) is
+// skipped (nothing read or written at it, its state left as it was) and counted in
+// sp.bad_count (atomicAdd, only on that path); the binding asserts the counter is 0 on the device.
 #include <cuda_runtime.h>
 
 #include "kernels.h"
@@ -77,6 +80,11 @@ __device__ __forceinline__ void step_entry(const StepTable& tab, const StepParam
                                            int64_t j, int32_t i, float& m, float& v, float& vm, bool has_scale,
                                            float scale, int& t) {
   while (tab.k_begin[t + 1] <= j) ++t;  // entries are visited in increasing j
+  // numel <= INT32_MAX (checked by the binding): unsigned compare, a negative index is huge
+  if (static_cast<uint64_t>(static_cast<uint32_t>(i)) >= static_cast<uint64_t>(tab.numel[t])) {
+    atomicAdd(sp.bad_count, 1);
+    return;  // m, v, vm unchanged: the caller stores back what it loaded
+  }
   float p = load_param<PT>(tab.param[t], i);
   float g = load_param<PT>(tab.grad[t], i);
   if (has_scale) g = fm_div(g, scale);

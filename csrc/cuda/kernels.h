@@ -41,6 +41,7 @@ struct StepParams {
   int with_scores;
   int score_mode;           // ScoreMode
   int vec4;                 // compact arrays 16-byte aligned
+  int* bad_count;           // device counter of skipped out-of-range entries (required)
 };
 
 struct ScoreTable {

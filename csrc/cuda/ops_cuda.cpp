@@ -1,7 +1,9 @@
 // CUDA implementations of the fastmask_ext ops: fill the multi-tensor tables and call the
 // launchers of kernels.cu on the current stream. Compiled only when torch has CUDA (setup.py).
 // No host sync: lr, steps, grad_scale and found_inf stay on the device and are read by the kernels
-// (a CPU lr is read here, which is free).
+// (a CPU lr is read here, which is free). Indices are range-checked in the kernel (common.h): it
+// counts the entries it skipped in a device counter, and at::_assert_async (a device-side
+// assertion, no host sync) fails the stream when the counter is not 0.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -68,6 +70,9 @@ void masked_adamw_step_cuda(at::TensorList params, at::TensorList grads, const a
   float* vm_base = max_exp_avg_sq.has_value() ? max_exp_avg_sq->data_ptr<float>() : nullptr;
   const int32_t* idx_base = idx.data_ptr<int32_t>();
   const float* steps_base = steps_f.data_ptr<float>();
+  // Skipped out-of-range entries, all launches of this call (allocated on the stream, no sync).
+  const at::Tensor bad_count = at::zeros({1}, params[0].options().dtype(at::kInt));
+  sp.bad_count = bad_count.data_ptr<int32_t>();
 
   for (int64_t first = 0; first < n; first += cuda::kMaxTensors) {
     const int64_t count = std::min<int64_t>(cuda::kMaxTensors, n - first);
@@ -94,6 +99,11 @@ void masked_adamw_step_cuda(at::TensorList params, at::TensorList grads, const a
     sp.vec4 = aligned(sp.idx) && aligned(sp.exp_avg) && aligned(sp.exp_avg_sq) && aligned(sp.max_exp_avg_sq);
     check_cuda(fastmask_cuda_masked_adamw_step(&tab, &sp, stream), "fastmask masked_adamw_step_ launch");
   }
+  at::_assert_async(bad_count.eq(0),
+                    "fastmask masked_adamw_step_: idx holds indices out of range of their tensor (outside [0, numel)); "
+                    "nothing was read or written at them, the other selected entries were stepped. The index buffer "
+                    "was written after fastmask checked it without bumping its version, or the backend op was "
+                    "called directly");
 }
 
 void score_accumulate_cuda(at::TensorList scores, at::TensorList grads, c10::string_view score_mode) {
