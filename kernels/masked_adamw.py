@@ -20,6 +20,18 @@ With scores, programs tile the *dense* tensors instead: each program reads one d
 gradient to update the scores, then bisects the tensor's sorted index segment for the selected
 entries falling inside that block and steps them, so their gradient is re-read from cache, not
 from memory: one pass over the gradient serves both.
+
+Index safety. ``fastmask.ops`` checks index contents only when an index buffer's version changes,
+and this function can be called directly, so the kernel checks every index it uses: an entry
+outside ``[0, numel)`` of its tensor is dropped from the load/store masks (its param and grad are
+never read, param never written, its state left as it was) and counted per tensor in a small
+int32 error tensor (``tl.atomic_add`` on the bad lanes only). After the launch, on the CPU
+(interpreter) a non-zero count raises ``IndexError``; on a GPU ``torch._assert_async`` checks it on
+the device, without a host sync. The fused variant's bisections read only the tensor's segment
+whatever it holds; its first block of a tensor also visits the entries sorted before index 0 and its
+last block those sorted after the end, so out-of-range entries of a sorted segment are all
+counted. (A segment that is not sorted may leave some entries unvisited there: never out of
+bounds, but not necessarily reported.)
 """
 from __future__ import annotations
 
@@ -55,11 +67,16 @@ def _one_minus_pow(log_beta, s):
 
 @triton.jit
 def _step_entries(
-    j, mask, idx_ptr, p_ptr, g_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+    j, live, idx_ptr, p_ptr, g_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, numel, err_ptr,
     decay, neg_step_size, bc2_sqrt, beta1, beta2, eps, scale,
     P_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
 ):
-    i = tl.load(idx_ptr + j, mask=mask, other=0)
+    i = tl.load(idx_ptr + j, mask=live, other=0)
+    # Entries whose index is outside [0, numel) take no part: counted in err_ptr (this tensor's
+    # slot; an atomic on those lanes only, none for valid input), masked out of every access.
+    in_range = (i >= 0) & (i < numel)
+    tl.atomic_add(err_ptr + tl.zeros_like(j), 1, mask=live & (in_range == 0), sem="relaxed")
+    mask = live & in_range
     p_raw = tl.load(p_ptr + i, mask=mask)
     g = tl.load(g_ptr + i, mask=mask, other=0.0).to(tl.float32)
     if HAS_SCALE:
@@ -90,7 +107,7 @@ def _step_entries(
 
 @triton.jit
 def _masked_adamw_kernel(
-    table_ptr, n_tensors, idx_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, steps_ptr,
+    table_ptr, n_tensors, idx_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, steps_ptr, err_ptr,
     lr, lr_ptr, beta1, beta2, log_beta1, log_beta2, eps, weight_decay, grad_scale_ptr, found_inf_ptr,
     n_iter,
     P_DTYPE: tl.constexpr, LR_ON_DEVICE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
@@ -104,6 +121,8 @@ def _masked_adamw_kernel(
     g_ptr = tl.load(table_ptr + PTR_B * n_tensors + t).to(tl.pointer_type(P_DTYPE))
     seg_lo = tl.load(table_ptr + SEG_LO * n_tensors + t)
     seg_hi = tl.load(table_ptr + SEG_HI * n_tensors + t)
+    numel = tl.load(table_ptr + NUMEL * n_tensors + t)
+    err_ptr = err_ptr + t
 
     # A skipped step (GradScaler found inf/nan) empties this program's ranges: no memory traffic,
     # no host sync.
@@ -124,7 +143,6 @@ def _masked_adamw_kernel(
     decay = 1.0 - lr_f * weight_decay
 
     if FUSED_SCORES:
-        numel = tl.load(table_ptr + NUMEL * n_tensors + t)
         sc_ptr = tl.load(table_ptr + PTR_C * n_tensors + t).to(tl.pointer_type(tl.float32))
         start = b * BLOCK
         end = tl.minimum(start + BLOCK, numel)
@@ -138,18 +156,24 @@ def _masked_adamw_kernel(
         acc = tl.load(sc_ptr + offs, mask=dmask, other=0.0)
         tl.store(sc_ptr + offs, acc + statistic(g, SCORE_MODE), mask=dmask)
         # At most BLOCK selected entries fall in [start, end): bound the second search by that.
+        # (The bisections read idx only inside [seg_lo, seg_hi), whatever it holds.)
         j0 = lower_bound(idx_ptr, seg_lo, seg_hi, start, n_iter)
         j1 = lower_bound(idx_ptr, j0, tl.minimum(seg_hi, j0 + BLOCK), end, n_iter)
+        # The tensor's first block also takes the entries before j0 (sorted: the negative ones),
+        # its last block those from j1 on (>= numel), so that out-of-range entries are visited
+        # (and counted) rather than passed over. Both extensions are empty for valid indices.
+        j0 = tl.where(start == 0, seg_lo, j0)
+        j1 = tl.where(end >= numel, seg_hi, j1)
         for j_start in range(j0, j1, SBLOCK):
             j = j_start + tl.arange(0, SBLOCK)
             _step_entries(j, j < j1, idx_ptr, p_ptr, g_ptr, exp_avg_ptr, exp_avg_sq_ptr,
-                          max_exp_avg_sq_ptr, decay, neg_step_size, bc2_sqrt, beta1, beta2, eps, scale,
-                          P_DTYPE, AMSGRAD, MAXIMIZE, HAS_SCALE)
+                          max_exp_avg_sq_ptr, numel, err_ptr, decay, neg_step_size, bc2_sqrt, beta1, beta2,
+                          eps, scale, P_DTYPE, AMSGRAD, MAXIMIZE, HAS_SCALE)
     else:
         j = seg_lo + b * BLOCK + tl.arange(0, BLOCK)
         _step_entries(j, j < seg_hi, idx_ptr, p_ptr, g_ptr, exp_avg_ptr, exp_avg_sq_ptr,
-                      max_exp_avg_sq_ptr, decay, neg_step_size, bc2_sqrt, beta1, beta2, eps, scale,
-                      P_DTYPE, AMSGRAD, MAXIMIZE, HAS_SCALE)
+                      max_exp_avg_sq_ptr, numel, err_ptr, decay, neg_step_size, bc2_sqrt, beta1, beta2, eps,
+                      scale, P_DTYPE, AMSGRAD, MAXIMIZE, HAS_SCALE)
 
 
 def _lr_on_host(lr: torch.Tensor) -> bool:
@@ -159,6 +183,31 @@ def _lr_on_host(lr: torch.Tensor) -> bool:
 
 def _log(beta: float) -> float:
     return math.log(beta) if beta > 0.0 else float("-inf")
+
+
+_INDEX_ERROR_TAIL = (
+    "nothing was read or written at them (their optimizer state is unchanged); the other selected entries "
+    "were stepped. The index buffer was written after fastmask checked it without bumping its version "
+    "(through .data, a numpy view or another tensor on the same storage), or the backend op was called "
+    "directly: keep indices in range, sorted and unique, and write them in place only through torch ops."
+)
+
+
+def _index_error(err: torch.Tensor, idx: torch.Tensor, offsets, params) -> str:
+    """The IndexError message for a launch whose per-tensor error counts ``err`` are not all zero
+    (host tensors: the CPU/interpreter path)."""
+    counts = err.tolist()
+    bad = [t for t, c in enumerate(counts) if c]
+    t = bad[0]
+    numel = params[t].numel()
+    seg = idx[offsets[t]:offsets[t + 1]].long()
+    out = seg[(seg < 0) | (seg >= numel)]
+    first = f" (first: {int(out[0])})" if out.numel() else ""
+    c = counts[t]
+    msg = f"idx: {c} {'index' if c == 1 else 'indices'} of tensor {t} {'is' if c == 1 else 'are'} outside [0, {numel}){first}"
+    if len(bad) > 1:
+        msg += f", {sum(counts)} in {len(bad)} tensors in all"
+    return f"{msg}; {_INDEX_ERROR_TAIL}"
 
 
 def masked_adamw_step_(
@@ -193,9 +242,11 @@ def masked_adamw_step_(
     table = _tables.get(rows, device)
 
     on_host = _lr_on_host(lr)
+    # Out-of-range entries skipped by the kernel, per tensor (a tiny allocation; no host sync).
+    err = torch.zeros(n, dtype=torch.int32, device=device)
     with launch_context(device):
         _masked_adamw_kernel[(total,)](
-            table, n, idx, exp_avg, exp_avg_sq, max_exp_avg_sq, steps,
+            table, n, idx, exp_avg, exp_avg_sq, max_exp_avg_sq, steps, err,
             float(lr) if on_host else 0.0, None if on_host else lr.reshape(()),
             beta1, beta2, _log(beta1), _log(beta2), eps, weight_decay, grad_scale, found_inf,
             max(seg).bit_length() + 1,
@@ -206,3 +257,10 @@ def masked_adamw_step_(
             BLOCK=block, SBLOCK=max(16, block // 4), T_PAD=pad_tensors(n),
             num_warps=num_warps_for(block),
         )
+    if device.type == "cpu":  # the interpreter: the counts are already on the host
+        if bool(err.any()):
+            raise IndexError(_index_error(err, idx, offsets, params))
+    else:  # checked on the device, in stream order: no host sync
+        torch._assert_async(err.eq(0).all(),
+                            "fastmask masked_adamw_step_ (triton): idx holds indices outside [0, numel) of their "
+                            "tensor; " + _INDEX_ERROR_TAIL)

@@ -335,6 +335,193 @@ def test_masked_adamw_50_steps(dtype, variant):
 
 
 # ---------------------------------------------------------------------------------------------
+# index safety: the kernel checks every index it uses (fastmask.ops' check is cached per version
+# of the index buffer, and the backend function can be called directly)
+# ---------------------------------------------------------------------------------------------
+GUARD = 515  # entries of poisoned memory before, between and after the params
+BAD_SHAPES = [(37, 129), (7,), (9000,)]  # the last one: several programs, fused or not
+BAD_VALUES = {  # three out-of-range indices each, in the order they are placed
+    "past-end": lambda n: [n, n + 1, n + 2],
+    "far": lambda n: [2**30, 2**31 - 2, 2**31 - 1],
+    "minus-one": lambda n: [-3, -2, -1],
+    "int32-min": lambda n: [-(2**31), -(2**31) + 1, -(2**30)],
+}
+
+
+def _poisoned_problem(dtype, seed=61):
+    """make_problem(BAD_SHAPES) whose params and grads are views of one larger buffer each, with
+    GUARD poisoned entries around every tensor; also the mask of the buffer entries inside params."""
+    pr = _on_device(make_problem(BAD_SHAPES, dtype=dtype, density=0.3, seed=seed))
+    sizes = [p.numel() for p in pr.params]
+    total = GUARD + sum(n + GUARD for n in sizes)
+    gen = torch.Generator().manual_seed(seed + 1)
+    pbuf = torch.randn(total, generator=gen).to(device=DEVICE, dtype=dtype)
+    gbuf = torch.randn(total, generator=gen).to(device=DEVICE, dtype=dtype)
+    inside = torch.zeros(total, dtype=torch.bool)
+    params, grads, pos = [], [], GUARD
+    for p, g, n in zip(pr.params, pr.grads, sizes):
+        params.append(pbuf[pos:pos + n].view(p.shape))
+        grads.append(gbuf[pos:pos + n].view(p.shape))
+        params[-1].copy_(p)
+        grads[-1].copy_(g)
+        inside[pos:pos + n] = True
+        pos += n + GUARD
+    pr.params, pr.grads = params, grads
+    return pr, pbuf, gbuf, inside
+
+
+# On a GPU an out-of-range index fails a device-side assertion (torch._assert_async), which ends
+# the process's CUDA context: these cases run on the CPU (interpreter) only.
+cpu_only = pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the error is a device-side assertion")
+
+
+def _kernel_step(params, grads, idx, m, v, offsets, steps, vm, scores, mode):
+    backends.load("triton").masked_adamw_step_(
+        params, grads, idx, m, v, offsets, steps, torch.tensor(1e-2, dtype=torch.float64), 0.9, 0.999, 1e-8, 0.1,
+        False, vm, None, None, scores, mode)
+
+
+def _bits(x):
+    return x.cpu().view(torch.int32 if x.dtype == torch.float32 else torch.int16)
+
+
+def _with_bad_indices(dtype, kind, placement, where, fused, amsgrad):
+    pr, pbuf, gbuf, inside = _poisoned_problem(dtype)
+    lo, hi = pr.offsets[where], pr.offsets[where + 1]
+    numel = pr.params[where].numel()
+    values = BAD_VALUES[kind](numel)
+    if placement == "middle":
+        at = (lo + hi) // 2 + torch.arange(3)
+    elif values[0] < 0:
+        at = lo + torch.arange(3)  # where sorting puts them
+    else:
+        at = hi - 3 + torch.arange(3)
+    idx = pr.idx.clone()
+    idx[at.to(DEVICE)] = torch.tensor(values, dtype=torch.int32, device=DEVICE)
+    keep = torch.ones(idx.numel(), dtype=torch.bool)
+    keep[at] = False
+    scores0 = _random_scores(BAD_SHAPES, seed=67) if fused else []
+    return pr, pbuf, gbuf, inside, idx, keep, values, scores0, "fisher" if fused else "grad"
+
+
+def _assert_untouched(pr, pbuf, pbuf0, gbuf, gbuf0, inside, keep, m, v, vm):
+    assert torch.equal(_bits(pbuf)[~inside], _bits(pbuf0)[~inside]), "memory outside the params was written"
+    assert torch.equal(_bits(gbuf), _bits(gbuf0)), "grads were written"
+    bad = ~keep.to(m.device)
+    assert torch.equal(m[bad], pr.exp_avg[bad]) and torch.equal(v[bad], pr.exp_avg_sq[bad]), "bad entries' state"
+    if vm is not None:
+        assert torch.equal(vm[bad], pr.max_exp_avg_sq[bad]), "bad entries' max_exp_avg_sq"
+
+
+@cpu_only
+@pytest.mark.parametrize("amsgrad", [pytest.param(False, id="adam"), pytest.param(True, id="amsgrad")])
+@pytest.mark.parametrize("fused", [pytest.param(False, id="step-only"), pytest.param(True, id="fused-scores")])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+@pytest.mark.parametrize("where", [pytest.param(0, id="first-tensor"), pytest.param(2, id="last-tensor")])
+@pytest.mark.parametrize("kind", list(BAD_VALUES))
+def test_out_of_range_indices_never_touch_memory(kind, where, dtype, fused, amsgrad):
+    """Three out-of-range indices in one tensor (where sorting puts them; in the middle, unsorted, too
+    without scores), the kernel called directly: IndexError naming idx, nothing outside the params
+    written, nothing at the bad entries, every other entry stepped exactly as without them."""
+    for placement in ("sorted",) if fused else ("sorted", "middle"):
+        pr, pbuf, gbuf, inside, idx, keep, values, scores0, mode = _with_bad_indices(
+            dtype, kind, placement, where, fused, amsgrad)
+        pbuf0, gbuf0 = pbuf.clone(), gbuf.clone()
+        m, v = pr.exp_avg.clone(), pr.exp_avg_sq.clone()
+        vm = pr.max_exp_avg_sq.clone() if amsgrad else None
+        scores = [s.clone() for s in scores0]
+        numel = pr.params[where].numel()
+        with pytest.raises(IndexError, match=rf"^idx: 3 indices of tensor {where} are outside \[0, {numel}\) "
+                                             rf"\(first: {values[0]}\);"):
+            _kernel_step(pr.params, pr.grads, idx, m, v, pr.offsets, pr.steps, vm, scores, mode)
+        _assert_untouched(pr, pbuf, pbuf0, gbuf, gbuf0, inside, keep, m, v, vm)
+
+        # the valid entries: exactly as a step over them alone
+        kd = keep.to(DEVICE)
+        offsets = [int(keep[:o].sum()) for o in pr.offsets]
+        params = [p.clone() for p in _poisoned_problem(dtype)[0].params]
+        mc, vc = pr.exp_avg[kd].clone(), pr.exp_avg_sq[kd].clone()
+        vmc = pr.max_exp_avg_sq[kd].clone() if amsgrad else None
+        sc = [s.clone() for s in scores0]
+        _kernel_step(params, [g.clone() for g in pr.grads], idx[kd].clone(), mc, vc, offsets, pr.steps, vmc, sc,
+                     mode)
+        for t, (a, b) in enumerate(zip(pr.params, params)):
+            assert torch.equal(_bits(a), _bits(b)), f"params[{t}] differ from a step without the bad entries"
+        assert torch.equal(m[kd], mc) and torch.equal(v[kd], vc)
+        if amsgrad:
+            assert torch.equal(vm[kd], vmc)
+        for t, (a, b) in enumerate(zip(scores, sc)):
+            assert torch.equal(a, b), f"scores[{t}] differ"
+
+
+@cpu_only
+@pytest.mark.parametrize("kind", ["far", "int32-min"])
+def test_unsorted_bad_indices_fused_stay_in_bounds(kind):
+    """Unsorted garbage in the fused variant (its bisections assume sorted segments): some
+    entries may go unvisited, but nothing outside the tensors is read or written."""
+    pr, pbuf, gbuf, inside, idx, keep, values, scores0, mode = _with_bad_indices(
+        torch.float32, kind, "middle", 2, True, True)
+    idx[pr.offsets[0]:pr.offsets[1]] = idx[pr.offsets[0]:pr.offsets[1]].flip(0)  # tensor 0 unsorted too
+    pbuf0, gbuf0 = pbuf.clone(), gbuf.clone()
+    m, v, vm = pr.exp_avg.clone(), pr.exp_avg_sq.clone(), pr.max_exp_avg_sq.clone()
+    try:
+        _kernel_step(pr.params, pr.grads, idx, m, v, pr.offsets, pr.steps, vm, [s.clone() for s in scores0], mode)
+    except IndexError as exc:
+        assert str(exc).startswith("idx: ")
+    _assert_untouched(pr, pbuf, pbuf0, gbuf, gbuf0, inside, keep, m, v, vm)
+
+
+@cpu_only
+@pytest.mark.parametrize("how", ["data", "numpy"])
+@pytest.mark.parametrize("track", [None, "abs"])
+def test_index_write_without_version_bump_raises(track, how):
+    """A write to a mask that does not bump the index buffer's version (fastmask.ops' cached check
+    cannot see it) reaches the kernel, which skips the bad entry and raises; the neighbour sharing
+    the storage is not written."""
+    gen = torch.Generator().manual_seed(71)
+    base = torch.randn(64 + 200, generator=gen).to(DEVICE)
+    a = torch.nn.Parameter(base[:64].view(8, 8))
+    b = torch.nn.Parameter(base[64:])
+    a_sel = [1, 5, 9, 30, 60]
+    b_sel = torch.cat([torch.arange(0, 3), torch.arange(4, 200, 4)]).to(torch.int32)  # not b's entry 3
+    opt = fastmask.optim.MaskedAdamW([a, b], lr=1e-2, weight_decay=0.1, track_scores=track,
+                                     masks={a: torch.tensor(a_sel), b: b_sel})
+
+    def step():
+        a.grad = torch.randn(a.shape, generator=gen).to(DEVICE)
+        b.grad = torch.randn(b.shape, generator=gen).to(DEVICE)
+        opt.step()
+
+    with backends.use("triton"):
+        step()
+        idx = opt.masks[a]
+        version = idx._version
+        if how == "data":
+            idx.data[-1] = 64 + 3  # b's entry 3, which b's mask does not select
+        else:
+            idx.numpy()[-1] = 64 + 3
+        assert idx._version == version and int(idx[-1]) == 67  # the cached check cannot see it
+        a_before, b_before = a.detach().clone(), b.detach().clone()
+        with pytest.raises(IndexError, match=r"idx: 1 index of tensor 0 is outside \[0, 64\) \(first: 67\)"):
+            step()
+    b_unselected = torch.ones(200, dtype=torch.bool)
+    b_unselected[b_sel.long()] = False
+    assert torch.equal(b.detach()[b_unselected], b_before[b_unselected]), "the neighbouring param was written"
+    a_unselected = torch.ones(64, dtype=torch.bool)
+    a_unselected[a_sel] = False
+    a_unselected[60] = True  # replaced by the bad index: not stepped
+    assert torch.equal(a.detach().view(-1)[a_unselected], a_before.view(-1)[a_unselected])
+
+
+def test_why_not_call():
+    mod = backends.load("triton")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert mod.why_not_call(dtype, True) is None
+    assert "torch.float64" in mod.why_not_call(torch.float64, True)
+    assert "contiguous" in mod.why_not_call(torch.float32, False)
+
+
+# ---------------------------------------------------------------------------------------------
 # availability
 # ---------------------------------------------------------------------------------------------
 def test_why_not():
@@ -378,7 +565,7 @@ ptrs = ("max_exp_avg_sq_ptr", "lr_ptr", "grad_scale_ptr", "found_inf_ptr")
 for pd, everything, fused, mode in [(tl.float32, False, False, 0), (tl.bfloat16, True, True, 2),
                                     (tl.float16, True, False, 0), (tl.float32, True, True, 1)]:
     sig = dict(table_ptr="*i64", n_tensors="i32", idx_ptr="*i32", exp_avg_ptr="*fp32",
-               exp_avg_sq_ptr="*fp32", steps_ptr="*fp32", lr="fp32", beta1="fp32", beta2="fp32",
+               exp_avg_sq_ptr="*fp32", steps_ptr="*fp32", err_ptr="*i32", lr="fp32", beta1="fp32", beta2="fp32",
                log_beta1="fp32", log_beta2="fp32", eps="fp32", weight_decay="fp32", n_iter="i32")
     consts = dict(P_DTYPE=pd, LR_ON_DEVICE=everything, AMSGRAD=everything, MAXIMIZE=everything,
                   HAS_SCALE=everything, HAS_INF=everything, FUSED_SCORES=fused, SCORE_MODE=mode,
