@@ -53,6 +53,8 @@ class Call:
 
     dtype: object = None  # param dtype (torch.dtype)
     contiguous: bool = True  # params and grads all contiguous
+
+
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastmask_backend", default=None)
 ENV_VAR = "FASTMASK_BACKEND"
 
@@ -190,7 +192,7 @@ def use(name: str):
 
 
 def _call_limits(name: str) -> str:
-    """What masked-step calls backend ``name`` leaves to the next one ('' if it takes them all)."""
+    """Which masked-step calls backend ``name`` serves (the others fall through to the next one)."""
     import torch
 
     check = getattr(_loaded[name], "why_not_call", None)
