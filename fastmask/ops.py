@@ -213,11 +213,16 @@ def _masked_adamw_step_impl(
     if not params:
         return
     _index_checks.check(idx, offsets, [p.numel() for p in params])
-    backends.resolve(params[0].device.type, _call_features(params, grads)).masked_adamw_step_(*args)
+    backend = backends.resolve(params[0].device.type, _call_features(params, grads))
     mutated = [*params, exp_avg, exp_avg_sq, *scores]
     if max_exp_avg_sq is not None:
         mutated.append(max_exp_avg_sq)
-    _bump_versions(mutated)
+    try:
+        backend.masked_adamw_step_(*args)
+    finally:
+        # Also when a kernel raised after stepping the valid entries (an out-of-range index that
+        # bypassed the checks above): what it wrote must still be seen by autograd and the cache.
+        _bump_versions(mutated)
 
 
 def _call_features(params, grads) -> backends.Call:
