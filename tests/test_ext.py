@@ -23,7 +23,9 @@ import torch
 
 import fastmask
 from fastmask import _ext, backends, ops
-from tests.utils import DTYPES, STEP_TOL, assert_close, make_problem, random_indices, tol
+from tests.utils import (
+    BAD_INDEX_VALUES, DTYPES, STEP_TOL, assert_close, make_problem, poisoned_problem, random_indices, tol,
+)
 
 REASON = _ext.why_not("cpu")
 needs_ext = pytest.mark.skipif(REASON is not None, reason=f"compiled extension unavailable: {REASON}")
@@ -423,37 +425,11 @@ def test_cpu_isa_variants_bit_identical(tmp_path):
 GUARD = 1031  # entries of poisoned memory before, between and after the params
 # shapes: several threads, AVX-512 blocks and tails, and (70001) more than one fused-score chunk
 BAD_SHAPES = [(300, 33), (7,), (70001,)]
-BAD_VALUES = {  # three out-of-range indices each, in the order they are placed
-    "past-end": lambda n: [n, n + 1, n + 2],
-    "far": lambda n: [2**30, 2**31 - 2, 2**31 - 1],
-    "minus-one": lambda n: [-3, -2, -1],
-    "int32-min": lambda n: [-(2**31), -(2**31) + 1, -(2**30)],
-}
+BAD_VALUES = BAD_INDEX_VALUES
 
 
 def _poisoned_problem(dtype, seed=21):
-    """make_problem(BAD_SHAPES) whose params and grads are views of one larger buffer each, with
-    GUARD poisoned entries around every tensor."""
-    pr = make_problem(BAD_SHAPES, dtype=dtype, density=0.2, seed=seed)
-    sizes = [p.numel() for p in pr.params]
-    total = GUARD + sum(n + GUARD for n in sizes)
-    gen = torch.Generator().manual_seed(seed + 1)
-    pbuf = torch.randn(total, generator=gen).to(dtype)
-    gbuf = torch.randn(total, generator=gen).to(dtype)
-    params, grads, pos = [], [], GUARD
-    for p, g, n in zip(pr.params, pr.grads, sizes):
-        params.append(pbuf[pos:pos + n].view(p.shape))
-        grads.append(gbuf[pos:pos + n].view(p.shape))
-        params[-1].copy_(p)
-        grads[-1].copy_(g)
-        pos += n + GUARD
-    inside = torch.zeros(total, dtype=torch.bool)
-    pos = GUARD
-    for n in sizes:
-        inside[pos:pos + n] = True
-        pos += n + GUARD
-    pr.params, pr.grads = params, grads
-    return pr, pbuf, gbuf, inside
+    return poisoned_problem(BAD_SHAPES, dtype, density=0.2, seed=seed, guard=GUARD)
 
 
 def _ext_step(params, grads, idx, m, v, offsets, steps, vm, scores, mode):

@@ -22,7 +22,7 @@ except Exception as exc:  # pragma: no cover - depends on the environment
 import fastmask
 from fastmask import backends, ops
 
-from .utils import STEP_TOL, assert_close, make_problem, random_indices, tol
+from .utils import BAD_INDEX_VALUES, STEP_TOL, assert_close, make_problem, poisoned_problem, random_indices, tol
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _reason = backends.why_not("triton", DEVICE)
@@ -340,34 +340,11 @@ def test_masked_adamw_50_steps(dtype, variant):
 # ---------------------------------------------------------------------------------------------
 GUARD = 515  # entries of poisoned memory before, between and after the params
 BAD_SHAPES = [(37, 129), (7,), (9000,)]  # the last one: several programs, fused or not
-BAD_VALUES = {  # three out-of-range indices each, in the order they are placed
-    "past-end": lambda n: [n, n + 1, n + 2],
-    "far": lambda n: [2**30, 2**31 - 2, 2**31 - 1],
-    "minus-one": lambda n: [-3, -2, -1],
-    "int32-min": lambda n: [-(2**31), -(2**31) + 1, -(2**30)],
-}
+BAD_VALUES = BAD_INDEX_VALUES
 
 
 def _poisoned_problem(dtype, seed=61):
-    """make_problem(BAD_SHAPES) whose params and grads are views of one larger buffer each, with
-    GUARD poisoned entries around every tensor; also the mask of the buffer entries inside params."""
-    pr = _on_device(make_problem(BAD_SHAPES, dtype=dtype, density=0.3, seed=seed))
-    sizes = [p.numel() for p in pr.params]
-    total = GUARD + sum(n + GUARD for n in sizes)
-    gen = torch.Generator().manual_seed(seed + 1)
-    pbuf = torch.randn(total, generator=gen).to(device=DEVICE, dtype=dtype)
-    gbuf = torch.randn(total, generator=gen).to(device=DEVICE, dtype=dtype)
-    inside = torch.zeros(total, dtype=torch.bool)
-    params, grads, pos = [], [], GUARD
-    for p, g, n in zip(pr.params, pr.grads, sizes):
-        params.append(pbuf[pos:pos + n].view(p.shape))
-        grads.append(gbuf[pos:pos + n].view(p.shape))
-        params[-1].copy_(p)
-        grads[-1].copy_(g)
-        inside[pos:pos + n] = True
-        pos += n + GUARD
-    pr.params, pr.grads = params, grads
-    return pr, pbuf, gbuf, inside
+    return poisoned_problem(BAD_SHAPES, dtype, density=0.3, seed=seed, guard=GUARD, device=DEVICE)
 
 
 # On a GPU an out-of-range index fails a device-side assertion (torch._assert_async), which ends

@@ -117,3 +117,37 @@ def clip_loss(model, batch):
     logits = scale * f_img @ f_txt.T
     labels = torch.arange(images.shape[0])
     return (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
+
+
+#: Out-of-range index values for the bounds-check tests, three each, in the order they are placed.
+BAD_INDEX_VALUES = {
+    "past-end": lambda n: [n, n + 1, n + 2],
+    "far": lambda n: [2**30, 2**31 - 2, 2**31 - 1],
+    "minus-one": lambda n: [-3, -2, -1],
+    "int32-min": lambda n: [-(2**31), -(2**31) + 1, -(2**30)],
+}
+
+
+def poisoned_problem(shapes, dtype, *, density, seed, guard, device="cpu"):
+    """make_problem(shapes) whose params and grads are views of one larger buffer each, with
+    ``guard`` poisoned entries before, between and after the tensors.
+
+    Returns ``(problem, param_buffer, grad_buffer, inside)``, ``inside`` marking the buffer
+    entries that belong to a tensor (everything else must never be written)."""
+    pr = make_problem(shapes, dtype=dtype, density=density, seed=seed, device=device)
+    sizes = [p.numel() for p in pr.params]
+    total = guard + sum(n + guard for n in sizes)
+    gen = torch.Generator().manual_seed(seed + 1)
+    pbuf = torch.randn(total, generator=gen).to(device=device, dtype=dtype)
+    gbuf = torch.randn(total, generator=gen).to(device=device, dtype=dtype)
+    inside = torch.zeros(total, dtype=torch.bool)
+    params, grads, pos = [], [], guard
+    for p, g, n in zip(pr.params, pr.grads, sizes):
+        params.append(pbuf[pos:pos + n].view(p.shape))
+        grads.append(gbuf[pos:pos + n].view(p.shape))
+        params[-1].copy_(p)
+        grads[-1].copy_(g)
+        inside[pos:pos + n] = True
+        pos += n + guard
+    pr.params, pr.grads = params, grads
+    return pr, pbuf, gbuf, inside
