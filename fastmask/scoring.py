@@ -5,10 +5,20 @@ parameters require grad during the pass, so PyTorch computes no weight gradient 
 parameter. Each target's gradient is folded into its fp32 score by the ``score_accumulate_`` op
 from a post-accumulate-grad hook and freed at once, so at most one target gradient is alive at a
 time beyond what autograd itself holds.
+
+The original SPU code scores differently, and ``score`` can reproduce it exactly:
+
+- its loss is :func:`l2_logits_loss` (the squared L2 norm of each image's row of image-to-text
+  logits, averaged over the batch; no labels), not the training loss;
+- it never zeroes ``.grad`` between scoring batches, so after batch ``b`` the gradient buffer holds
+  the running sum ``G_b = g_1 + ... + g_b`` and the score adds those running sums
+  (``accumulate="running-sum"``): the paper's ``|sum|`` becomes ``|sum_b (n - b + 1) g_b|``, and
+  early batches weigh more;
+- after its quarter epoch it keeps scoring while any score entry is below 1e-12 in magnitude
+  (``until_nonzero=1e-12``), up to the end of its data loader (``max_extra_batches`` caps it here).
 """
 from __future__ import annotations
 
-import itertools
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -20,9 +30,32 @@ from torch import nn
 from . import ops
 from .targets import Targets, find_targets
 
-__all__ = ["score", "SCORE_MODES"]
+__all__ = ["score", "SCORE_MODES", "ACCUMULATE_MODES", "l2_logits", "l2_logits_loss"]
 
 SCORE_MODES = ops.SCORE_MODES
+#: How gradients are summed over batches: ``"batch-sum"`` (each batch's gradient once) or
+#: ``"running-sum"`` (the original SPU code: ``.grad`` never zeroed, running sums added).
+ACCUMULATE_MODES = ("batch-sum", "running-sum")
+
+
+def l2_logits(logits_per_image: torch.Tensor) -> torch.Tensor:
+    """The original SPU code's scoring loss on a ``[images, texts]`` logits matrix: the squared L2
+    norm of each image's row, averaged over images (``torch.norm(logits, p="fro", dim=1).pow(2).mean()``
+    in the original; ``vector_norm`` computes the same norm)."""
+    return torch.linalg.vector_norm(logits_per_image, ord=2, dim=1).pow(2).mean()
+
+
+def l2_logits_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """A ``loss_fn`` for :func:`score` that reproduces the original SPU code's scoring loss on an
+    open_clip CLIP: ``batch = (images, texts)`` with one tokenized text per image (the original
+    uses each image's class prompt); ``model(images, texts)`` gives normalized features and the
+    logit scale, the logits are ``logit_scale * image_features @ text_features.T`` (``[B, B]``),
+    and the loss is :func:`l2_logits` of them. No labels are used. Pass
+    ``accumulate="running-sum", until_nonzero=1e-12`` to :func:`score` for the rest of the
+    original's protocol."""
+    images, texts = batch[0], batch[1]
+    image_features, text_features, logit_scale = model(images, texts)[:3]
+    return l2_logits(logit_scale * image_features @ text_features.T)
 
 
 def _resolve_targets(model: nn.Module, targets: Any) -> dict[str, nn.Parameter]:
@@ -49,7 +82,10 @@ def score(
     *,
     targets: Targets | Mapping[str, nn.Parameter] | Iterable[str] | str | None = None,
     mode: str = "grad",
+    accumulate: str = "batch-sum",
     max_batches: int | None = None,
+    until_nonzero: float | None = None,
+    max_extra_batches: int | None = None,
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Accumulate per-entry gradient scores of the target parameters over ``batches``.
@@ -65,7 +101,20 @@ def score(
             names to parameters, or names/patterns.
         mode: ``"grad"``: ``|sum_b g_b|`` (the paper's score; signed accumulation, magnitude at
             the end); ``"abs"``: ``sum_b |g_b|``; ``"fisher"``: ``sum_b g_b**2``.
+        accumulate: ``"batch-sum"``: ``g_b`` is batch ``b``'s gradient, folded in and freed at
+            once. ``"running-sum"``: the original SPU code's accumulation: ``.grad`` is not zeroed
+            between batches, so ``g_b`` above becomes ``G_b = g_1 + ... + g_b`` (summed into the
+            gradient buffer by autograd, in the parameter's dtype, exactly as the original);
+            one gradient per target stays alive during the pass.
         max_batches: stop after this many batches (the original work: a quarter of an epoch).
+        until_nonzero: after ``max_batches`` batches, keep scoring one batch at a time while any
+            target's score has an entry whose magnitude is below this threshold (the original
+            code: ``1e-12``), until ``batches`` ends or ``max_extra_batches`` more batches were
+            scored; a warning says how many entries are still below if it stops before they are
+            all above. Needs ``max_batches``; ``batches`` without a length needs
+            ``max_extra_batches`` (a target with a structurally zero gradient would never stop).
+        max_extra_batches: at most this many batches beyond ``max_batches`` (default: no limit
+            but the end of ``batches``).
         progress: show a tqdm progress bar.
 
     Returns:
@@ -73,8 +122,24 @@ def score(
     """
     if mode not in SCORE_MODES:
         raise ValueError(f"mode: expected one of {SCORE_MODES}, got {mode!r}")
+    if accumulate not in ACCUMULATE_MODES:
+        raise ValueError(f"accumulate: expected one of {ACCUMULATE_MODES}, got {accumulate!r}")
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches: expected a positive number or None, got {max_batches}")
+    if until_nonzero is not None:
+        if isinstance(until_nonzero, bool) or not isinstance(until_nonzero, (int, float)) \
+                or not math.isfinite(until_nonzero) or until_nonzero <= 0:
+            raise ValueError(f"until_nonzero: expected a positive finite threshold or None, got {until_nonzero!r}")
+        if max_batches is None:
+            raise ValueError("until_nonzero: needs max_batches (scoring goes on past max_batches while some "
+                             "score entry is below the threshold)")
+        if max_extra_batches is None and not hasattr(batches, "__len__"):
+            raise ValueError("max_extra_batches: needed with until_nonzero when batches has no length "
+                             "(a target whose gradient is zero somewhere would be scored forever)")
+    if max_extra_batches is not None and (isinstance(max_extra_batches, bool) or not isinstance(max_extra_batches, int)
+                                          or max_extra_batches < 0):
+        raise ValueError(f"max_extra_batches: expected a non-negative int or None, got {max_extra_batches!r}")
+    running = accumulate == "running-sum"
     named = _resolve_targets(model, targets)
     if not named:
         raise ValueError("targets: no parameter to score")
@@ -90,7 +155,8 @@ def score(
         def hook(p: torch.Tensor) -> None:
             ops.score_accumulate_([scores[name]], [p.grad], mode)
             hits[name] += 1
-            p.grad = None
+            if not running:
+                p.grad = None  # running-sum: autograd adds the next batch's gradient to this one
 
         return hook
 
@@ -98,6 +164,7 @@ def score(
     if total is None and hasattr(batches, "__len__"):
         total = len(batches)  # type: ignore[arg-type]
     n_batches = 0
+    bar = None
     try:
         target_ids = {id(p) for p in named.values()}
         for p in all_params:
@@ -106,12 +173,26 @@ def score(
             p.grad = None
             handles.append(p.register_post_accumulate_grad_hook(make_hook(name)))
 
-        iterator = itertools.islice(batches, max_batches) if max_batches is not None else batches
+        iterator = iter(batches)
         if progress:
             from tqdm.auto import tqdm
 
-            iterator = tqdm(iterator, total=total, desc=f"fastmask.score ({mode})", unit="batch")
-        for batch in iterator:
+            bar = tqdm(total=total, desc=f"fastmask.score ({mode}{', running sums' if running else ''})",
+                       unit="batch")
+        while True:
+            if max_batches is not None and n_batches >= max_batches:
+                if until_nonzero is None:
+                    break
+                below = _count_below(scores, until_nonzero)
+                if below == 0 or (max_extra_batches is not None and n_batches - max_batches >= max_extra_batches):
+                    break
+                if bar is not None:
+                    bar.total = n_batches + 1
+                    bar.refresh()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                break
             loss = loss_fn(model, batch)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise TypeError("loss_fn must return a scalar loss tensor")
@@ -122,7 +203,11 @@ def score(
                 raise FloatingPointError(f"loss_fn returned a non-finite loss ({value}) at batch {n_batches}")
             loss.backward()
             n_batches += 1
+            if bar is not None:
+                bar.update()
     finally:
+        if bar is not None:
+            bar.close()
         for h in handles:
             h.remove()
         for p, flag in zip(all_params, saved_flags):
@@ -132,6 +217,15 @@ def score(
 
     if n_batches == 0:
         raise ValueError("batches yielded no batch to score on")
+    if until_nonzero is not None and n_batches >= max_batches:
+        below = _count_below(scores, until_nonzero)
+        if below:
+            capped = max_extra_batches is not None and n_batches - max_batches >= max_extra_batches
+            warnings.warn(
+                f"until_nonzero: {below} score entries are still below {until_nonzero:g} in magnitude after "
+                f"{n_batches} batches ({n_batches - max_batches} beyond max_batches; "
+                f"{'max_extra_batches reached' if capped else 'batches ran out'})", stacklevel=2,
+            )
     silent = [n for n, c in hits.items() if c == 0]
     if silent:
         warnings.warn(
@@ -142,3 +236,8 @@ def score(
         for s in scores.values():
             s.abs_()
     return scores
+
+
+def _count_below(scores: Mapping[str, torch.Tensor], threshold: float) -> int:
+    """Entries of all scores whose magnitude is below ``threshold`` (signed sums in mode "grad")."""
+    return sum(int((s.abs() < threshold).sum()) for s in scores.values())

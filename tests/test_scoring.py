@@ -1,11 +1,13 @@
 """fastmask.score: each mode against a hand computation, targets forms, restoration, errors."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
-from fastmask import Targets, find_targets, score
+from fastmask import Targets, find_targets, score, scoring
 
 from .utils import assert_close, clip_batches, clip_loss, tiny_open_clip
 
@@ -320,3 +322,162 @@ def test_bf16_params_give_fp32_scores():
         assert got[n].dtype == torch.float32, f"{n}: score dtype {got[n].dtype}"
         assert got[n].shape == params[n].shape
         assert_close(got[n], acc[n].float(), rtol=1e-5, atol=1e-10, what=n)
+
+
+# ----------------------------------------------------------------------------------------------
+# the original SPU code's protocol: running sums, the l2-logits loss, the "until nonzero" rule
+# ----------------------------------------------------------------------------------------------
+def original_spu_scores(model, batches, names, loss_fn, n_score, threshold=1e-12):
+    """The original code's ``compute_score`` transcribed: ``.grad`` cleared once before the loop and
+    never between batches, ``importance += param.grad.clone()`` after every backward, and the loop
+    left after batch ``num_batch`` (0-based) once ``num_batch > n_score`` and no importance entry is
+    below ``threshold`` in magnitude. Selection then ranks ``importance.abs()``.
+
+    Returns ``({name: |importance|}, batches used)``."""
+    params = dict(model.named_parameters())
+    for n, p in params.items():
+        p.requires_grad_(n in names)
+    importance = {n: torch.zeros_like(params[n]) for n in names}
+    model.zero_grad()
+    used = 0
+    for num_batch, batch in enumerate(batches):
+        stop_flag = 1
+        loss_fn(model, batch).backward()
+        for n in names:
+            importance[n].data += params[n].grad.clone()
+            if importance[n].data.abs().min() < threshold:
+                stop_flag = 0
+        used += 1
+        if num_batch > n_score and stop_flag:
+            break
+    for p in params.values():
+        p.requires_grad_(True)
+        p.grad = None
+    return {n: v.abs() for n, v in importance.items()}, used
+
+
+def _original_min_batches(n_score: float) -> int:
+    """How many batches the original's loop condition ``num_batch > n_score`` scores at least."""
+    return math.floor(n_score) + 2
+
+
+@pytest.mark.parametrize("mode", ["grad", "abs", "fisher"])
+def test_running_sum_equals_the_original_accumulation(mode):
+    """accumulate="running-sum" adds G_b = g_1 + ... + g_b after each batch, bit for bit."""
+    model = tiny_mlp()
+    batches = mlp_batches(5)
+    params = dict(model.named_parameters())
+    model.zero_grad()
+    want = {n: torch.zeros(params[n].shape) for n in TARGET_NAMES}
+    for batch in batches:  # .grad never zeroed: it holds the running sum
+        mlp_loss(model, batch).backward()
+        for n in TARGET_NAMES:
+            g = params[n].grad
+            want[n] += {"grad": g, "abs": g.abs(), "fisher": g * g}[mode]
+    if mode == "grad":
+        want = {n: w.abs() for n, w in want.items()}
+    model.zero_grad()
+    got = score(model, batches, mlp_loss, targets=TARGET_NAMES, mode=mode, accumulate="running-sum", progress=False)
+    for n in TARGET_NAMES:
+        assert torch.equal(got[n], want[n]), f"{mode} running-sum score of {n} differs from the hand computation"
+        assert params[n].grad is None
+
+
+def test_running_sum_weighs_early_batches_more():
+    """|sum_b G_b| = |sum_b (n - b + 1) g_b|, and it differs from the batch sum."""
+    model = tiny_mlp()
+    batches = mlp_batches(4)
+    params = dict(model.named_parameters())
+    acc = {n: torch.zeros(params[n].shape, dtype=torch.float64) for n in TARGET_NAMES}
+    for b, batch in enumerate(batches):
+        grads = torch.autograd.grad(mlp_loss(model, batch), [params[n] for n in TARGET_NAMES])
+        for n, g in zip(TARGET_NAMES, grads):
+            acc[n] += (len(batches) - b) * g.double()
+    got = score(model, batches, mlp_loss, targets=TARGET_NAMES, accumulate="running-sum", progress=False)
+    plain = score(model, batches, mlp_loss, targets=TARGET_NAMES, progress=False)
+    for n in TARGET_NAMES:
+        assert_close(got[n], acc[n].abs().float(), rtol=1e-5, atol=1e-7, what=n)
+        assert not torch.allclose(got[n], plain[n]), n
+
+
+def _late_input_batches(n: int, zero_until: int, b: int = 6):
+    """Batches whose input feature 0 is exactly zero in the first ``zero_until`` batches, so the
+    first layer's column 0 has an exactly zero gradient (and score) until then."""
+    out = mlp_batches(n, b)
+    for i in range(min(zero_until, n)):
+        out[i][0][:, 0] = 0.0
+    return out
+
+
+@pytest.mark.parametrize("zero_until,n_score", [(0, 1.0), (5, 1.0), (6, 2.5), (3, 0.25)],
+                         ids=["no-zeros", "zeros-until-5", "zeros-until-6", "zeros-until-3"])
+def test_until_nonzero_equals_the_original_loop(zero_until, n_score):
+    """The original's whole protocol (running sums + stop rule) on a tiny model, bit for bit."""
+    batches = _late_input_batches(9, zero_until)
+    model = tiny_mlp()
+    want, used = original_spu_scores(model, batches, TARGET_NAMES, mlp_loss, n_score)
+    calls = []
+
+    def loss_fn(m, b):
+        calls.append(1)
+        return mlp_loss(m, b)
+
+    got = score(tiny_mlp(), batches, loss_fn, targets=TARGET_NAMES, accumulate="running-sum",
+                max_batches=_original_min_batches(n_score), until_nonzero=1e-12, progress=False)
+    assert len(calls) == used, f"scored {len(calls)} batches, the original {used}"
+    assert used == max(_original_min_batches(n_score), zero_until + 1)
+    for n in TARGET_NAMES:
+        assert torch.equal(got[n], want[n]), n
+
+
+def test_until_nonzero_stops_at_the_end_or_the_cap_with_a_warning():
+    batches = _late_input_batches(6, zero_until=6)  # column 0 of the first layer never gets a gradient
+    with pytest.warns(UserWarning, match=r"13 score entries are still below 1e-12.*6 batches.*batches ran out"):
+        score(tiny_mlp(), batches, mlp_loss, targets=TARGET_NAMES, max_batches=2, until_nonzero=1e-12, progress=False)
+    calls = []
+
+    def loss_fn(m, b):
+        calls.append(1)
+        return mlp_loss(m, b)
+
+    with pytest.warns(UserWarning, match=r"after 4 batches \(2 beyond max_batches; max_extra_batches reached\)"):
+        score(tiny_mlp(), iter(batches), loss_fn, targets=TARGET_NAMES, max_batches=2, until_nonzero=1e-12,
+              max_extra_batches=2, progress=False)
+    assert len(calls) == 4
+
+
+def test_until_nonzero_argument_checks():
+    kw = dict(targets=TARGET_NAMES, progress=False)
+    with pytest.raises(ValueError, match="until_nonzero: needs max_batches"):
+        score(tiny_mlp(), mlp_batches(2), mlp_loss, until_nonzero=1e-12, **kw)
+    with pytest.raises(ValueError, match="max_extra_batches: needed"):
+        score(tiny_mlp(), iter(mlp_batches(2)), mlp_loss, max_batches=1, until_nonzero=1e-12, **kw)
+    for bad in (0.0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="until_nonzero: expected"):
+            score(tiny_mlp(), mlp_batches(2), mlp_loss, max_batches=1, until_nonzero=bad, **kw)
+    with pytest.raises(ValueError, match="max_extra_batches: expected"):
+        score(tiny_mlp(), mlp_batches(2), mlp_loss, max_batches=1, max_extra_batches=-1, **kw)
+    with pytest.raises(ValueError, match=r"accumulate: expected one of .*'running'"):
+        score(tiny_mlp(), mlp_batches(2), mlp_loss, accumulate="running", **kw)
+
+
+def test_l2_logits_loss_is_the_originals_on_open_clip():
+    """The original: logits_per_image = logit_scale * img @ txt.T over one text per image,
+    loss = torch.norm(logits_per_image, p="fro", dim=1).pow(2).mean(); no labels."""
+    model = tiny_open_clip()
+    images, texts = clip_batches(1)[0]
+    img, txt, scale = model(images, texts)
+    logits = scale * img @ txt.T
+    want = torch.norm(logits, p="fro", dim=1).pow(2).mean()
+    got = scoring.l2_logits_loss(model, (images, texts))
+    assert torch.equal(got, want)
+    assert torch.equal(scoring.l2_logits(logits), want)
+    # the whole original protocol on open_clip: running sums of the l2-logits gradients
+    names = list(find_targets(model).masked)
+    batches = clip_batches(4)
+    want_scores, used = original_spu_scores(model, batches, names, scoring.l2_logits_loss, n_score=1.0)
+    got_scores = score(model, batches, scoring.l2_logits_loss, accumulate="running-sum", max_batches=3,
+                       until_nonzero=1e-12, progress=False)
+    assert used == 3
+    for n in names:
+        assert torch.equal(got_scores[n], want_scores[n]), n
