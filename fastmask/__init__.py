@@ -4,8 +4,11 @@
     scores = fastmask.score(model, batches, loss_fn)     # accumulated gradient scores
     masks = fastmask.select(scores, density=0.1)         # top-10% entries per tensor
     opt = fastmask.optim.MaskedAdamW(targets.parameters(), lr=1e-5, masks=masks, model=model)
+
+Distributed (torch.distributed; fastmask.distributed): all_reduce_scores before select, mask
+agreement checked by MaskedAdamW, masked_allreduce_hook for DDP.
 """
-from . import backends, ops, optim
+from . import backends, distributed, ops, optim
 from ._version import __version__
 from .masks import Mask, MaskSet, num_selected, select
 from .optim import MaskedAdamW
@@ -13,6 +16,6 @@ from .scoring import score
 from .targets import PRESETS, Preset, Targets, find_targets, freeze
 
 __all__ = [
-    "__version__", "backends", "ops", "optim", "Mask", "MaskSet", "MaskedAdamW", "num_selected",
+    "__version__", "backends", "distributed", "ops", "optim", "Mask", "MaskSet", "MaskedAdamW", "num_selected",
     "select", "score", "PRESETS", "Preset", "Targets", "find_targets", "freeze",
 ]

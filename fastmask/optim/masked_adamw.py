@@ -15,6 +15,11 @@ Parameters without a mask are updated densely by :func:`torch.optim.adam.adam` w
 would, except that ``fused=True`` is used only where the fused kernel is correct (params, grads
 and state of one layout without gaps); other params of that group take torch's non-fused default.
 
+Under ``torch.distributed`` every rank must hold the same masks: the constructor, ``set_masks`` and
+a ``load_state_dict`` that may adopt masks compare a 64-bit fingerprint of each mask across the
+ranks of ``process_group`` (one small collective per mask change, never per step) and raise
+:class:`fastmask.distributed.MaskMismatchError` naming the first differing parameter.
+
 Every step is validated as a whole before anything is written: a step that raises leaves
 parameters and state as they were (likewise :meth:`MaskedAdamW.load_state_dict` and
 :meth:`MaskedAdamW.set_masks`).
@@ -28,6 +33,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .. import distributed as _dist
 from .. import ops
 from .._checks import check_indices
 from ..masks import MaskSet
@@ -130,6 +136,18 @@ class MaskedAdamW(torch.optim.Optimizer):
             bit-identical to ``torch.optim.AdamW`` with the same arguments; ``fused=True`` is
             faster and is applied only where PyTorch's fused kernel is correct.
         differentiable: only ``False`` (the step writes in place, outside autograd).
+        process_group: the ``torch.distributed`` group whose ranks must hold the same masks
+            (default ``None``: the default group, if one is initialized when masks change).
+        verify_masks: ``True`` (default): when a process group of more than one rank is
+            initialized, the constructor, :meth:`set_masks` and a :meth:`load_state_dict` that may
+            adopt masks are **collective** calls: each rank fingerprints its masks on the host
+            (:func:`fastmask.distributed.mask_fingerprint`) and one ``all_gather_object``
+            compares them; a rank whose masks differ makes every rank raise
+            :class:`~fastmask.distributed.MaskMismatchError` naming the first differing
+            parameter and each rank's mask, before anything changes; a rank that fails its own
+            checks still takes part, so the others raise at once instead of waiting for the
+            group's timeout. ``False``: no check and no collective (e.g. an optimizer built on
+            one rank only, or masks that differ on purpose; the sparse DDP hook needs equal masks).
 
     ``lr`` may be a tensor (kept as is, so compiled steps need not recompile; a CPU tensor lr is
     checked on every step, a device one when the optimizer is built, to avoid a host sync).
@@ -157,6 +175,8 @@ class MaskedAdamW(torch.optim.Optimizer):
         model: nn.Module | None = None,
         decay_unselected: bool = False,
         track_scores: str | None = None,
+        process_group: Any = None,
+        verify_masks: bool = True,
     ) -> None:
         if differentiable:
             raise NotImplementedError(
@@ -191,6 +211,9 @@ class MaskedAdamW(torch.optim.Optimizer):
         self._buckets: list[_Bucket] = []
         self._mask_of: dict[nn.Parameter, torch.Tensor] = {}
         self._names: dict[nn.Parameter, str] = {}
+        self._process_group = process_group
+        self._verify_masks = bool(verify_masks)
+        self._mask_version = 0
         super().__init__(params, defaults)
         # GradScaler passes grad_scale/found_inf to step() instead of unscaling and syncing.
         self._step_supports_amp_scaling = True
@@ -333,6 +356,29 @@ class MaskedAdamW(torch.optim.Optimizer):
             for p, state in self._bucket_states(b).items():
                 self.state[p] = state  # replaces dense state of a param that becomes masked
                 self._mask_of[p] = state["mask_indices"]
+        self._mask_version += 1
+
+    # ------------------------------------------------------------------------------------------
+    # distributed: every rank holds the same masks
+    # ------------------------------------------------------------------------------------------
+    def _mask_group(self) -> Any:
+        """The group whose ranks must agree on masks, or None (no check: off, or nobody to ask)."""
+        return _dist.resolve_group(self._process_group) if self._verify_masks else None
+
+    def _verify(self, group: Any, masks: Mapping[nn.Parameter, torch.Tensor] | None, names, what: str) -> None:
+        """Collective: every rank's masks (``None``: this rank failed) must agree."""
+        if masks is None:
+            _dist.verify_same_masks(None, group, what=what, failed=True)
+            return
+        entries = [(self._name(p, names), tuple(p.shape), masks.get(p))
+                   for g in self.param_groups for p in g["params"]]
+        _dist.verify_same_masks(entries, group, what=what)
+
+    @property
+    def mask_version(self) -> int:
+        """Increases whenever the masks change (:meth:`set_masks`, masks adopted by
+        :meth:`load_state_dict`); :class:`fastmask.distributed.MaskedAllreduceState` follows it."""
+        return self._mask_version
 
     def set_masks(
         self,
@@ -346,13 +392,26 @@ class MaskedAdamW(torch.optim.Optimizer):
         optimizer per task. A parameter that loses its mask becomes dense with fresh state; dense
         parameters that stay dense keep theirs. Tracked scores restart from zero. Everything is
         checked before anything changes.
+
+        Under an initialized process group this is a collective call (see ``verify_masks``):
+        every rank must call it, with the same masks.
         """
-        names = self._known_names(model)
-        if isinstance(masks, MaskSet):
-            if model is None:
-                raise ValueError("masks: a MaskSet needs model= to map its names to parameters")
-            masks = masks.for_model(model)
-        self._install(self._build(self._check_masks(masks, names)), names)
+        group = self._mask_group()
+        try:
+            names = self._known_names(model)
+            if isinstance(masks, MaskSet):
+                if model is None:
+                    raise ValueError("masks: a MaskSet needs model= to map its names to parameters")
+                masks = masks.for_model(model)
+            checked = self._check_masks(masks, names)
+            buckets = self._build(checked)
+        except BaseException:
+            if group is not None:
+                self._verify(group, None, None, "set_masks")  # take part, so the other ranks do not hang
+            raise
+        if group is not None:
+            self._verify(group, checked, names, "set_masks")
+        self._install(buckets, names)
 
     @property
     def masks(self) -> dict[nn.Parameter, torch.Tensor]:
@@ -383,7 +442,9 @@ class MaskedAdamW(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["state"] = {p: s for p, s in self.state.items() if p not in self._mask_of}
-        state["_fastmask"] = {"buckets": self._buckets, "names": self._names, "track_scores": self.track_scores}
+        # The process group is not picklable: a copy checks its masks against the default group.
+        state["_fastmask"] = {"buckets": self._buckets, "names": self._names, "track_scores": self.track_scores,
+                              "verify_masks": self._verify_masks}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -393,6 +454,9 @@ class MaskedAdamW(torch.optim.Optimizer):
         super().__setstate__(state)
         self.state = defaultdict(dict, self.state)
         self.track_scores = extra["track_scores"]
+        self._process_group = None
+        self._verify_masks = extra.get("verify_masks", True)
+        self._mask_version = 0
         self._step_supports_amp_scaling = True
         self._mask_of = {}
         self._install(extra["buckets"], dict(extra["names"]))
@@ -630,7 +694,30 @@ class MaskedAdamW(torch.optim.Optimizer):
         refused); an optimizer built *without* masks adopts the saved ones, so a masked run
         resumes from its checkpoint alone (e.g. an HF Trainer checkpoint).
         Parameter names saved in the state dict are kept, as ``torch.optim.Optimizer`` does.
+
+        Under an initialized process group, loading into an optimizer without masks (the only case
+        that can adopt masks) is a collective call that checks every rank ends with the same masks
+        (see ``verify_masks``); an optimizer with masks keeps them and loads locally.
         """
+        group = None if self._mask_of else self._mask_group()
+        if group is None:
+            self._load_state_dict(state_dict, None)
+            return
+        verified = False
+
+        def verify(masks, names) -> None:
+            nonlocal verified
+            verified = True  # a mismatch raised by the check itself must not call it again
+            self._verify(group, masks, names, "load_state_dict")
+
+        try:
+            self._load_state_dict(state_dict, verify)
+        except BaseException:
+            if not verified:
+                self._verify(group, None, None, "load_state_dict")  # take part, so the others do not hang
+            raise
+
+    def _load_state_dict(self, state_dict: dict[str, Any], verify: Callable[..., None] | None) -> None:
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             out = pre_hook(self, state_dict)
             if out is not None:
@@ -696,9 +783,12 @@ class MaskedAdamW(torch.optim.Optimizer):
 
         # 2. Build what changes (new tensors only), then commit.
         buckets = None
+        masks = dict(self._mask_of)
         if adopted:
-            masks = {**{p: i for p, i in self._mask_of.items()}, **adopted}
+            masks = {**masks, **adopted}
             buckets = self._build(masks)
+        if verify is not None:
+            verify(masks, names)
         if buckets is not None:
             self._install(buckets, names)
         else:
