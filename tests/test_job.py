@@ -39,14 +39,6 @@ def _numbers(obj, path="$"):
         yield path, obj
 
 
-def test_help_on_every_subcommand(capsys):
-    for argv in (["--help"], ["continual", "--help"], ["info", "--help"]):
-        with pytest.raises(SystemExit) as exc:
-            cli.main(argv)
-        assert exc.value.code == 0
-    assert "--lrs" in capsys.readouterr().out
-
-
 def test_job_end_to_end(tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["continual", *SMALL, "--lrs", "1e-3,1e-4", "--replay", "4", "--seeds", "0,1",
@@ -72,9 +64,42 @@ def test_job_end_to_end(tmp_path, capsys):
         assert len(r["tasks"]) == 2
         if r["method"] != "frozen":
             assert all(t["steps"] == 3 and t["step_ms"] > 0 for t in r["tasks"])
+    # Scoring: spu with the training loss on ceil(fraction x batches) batches; spu-original the
+    # original's way, floor(fraction x batches) + 2 batches (tasks of 4 and 6 batches of 8 here).
+    assert res["scoring"]["spu"] == dict(loss="contrastive", accumulate="batch-sum", stop="fixed",
+                                         description="contrastive loss, batch sums, fixed batches")
+    assert res["scoring"]["spu-original"]["loss"] == "l2-logits"
+    assert res["scoring"]["spu-original"]["accumulate"] == "running-sum"
+    assert res["scoring"]["spu-original"]["stop"] == "original"
+    for r in res["runs"]:
+        want = {"spu": [1, 2], "spu-original": [3, 3]}.get(r["method"], [0, 0])
+        assert [t["score_batches"] for t in r["tasks"]] == want, (r["method"], r["tasks"])
+    # The base model of this smoke configuration is at chance: flagged in the JSON and the table.
+    assert res["base_model"]["near_chance"] is True and res["base_model"]["chance"] == pytest.approx(0.2)
+    table = (out / "table.txt").read_text()
+    assert "WARNING: the base model's control accuracy" in table and "near chance" in table
+    assert "spu-original: ||logits||^2, running sums, original stop rule" in table
     # The base model was cached: a second run loads it.
     assert cli.main(argv[:-2] + ["--out", str(tmp_path / "out2"), "--methods", "frozen", "--no-plots"]) == 0
     assert "loaded from cache" in capsys.readouterr().out
+
+
+def test_score_options_reproduce_spu_originals_masks(tmp_path):
+    """spu with --score-loss l2-logits --score-accumulate running-sum --score-stop original selects
+    the same first-task masks as spu-original (same data order, same base model)."""
+    out = tmp_path / "out"
+    common = ["continual", *SMALL, "--methods", "spu,spu-original", "--no-plots", "--cache-dir", str(tmp_path / "cache")]
+    original = ["--score-loss", "l2-logits", "--score-accumulate", "running-sum", "--score-stop", "original"]
+    assert cli.main(common + original + ["--out", str(out)]) == 0
+    a = fastmask.MaskSet.load(out / "masks" / "seed0_lr0.001_spu_task1.safetensors")
+    b = fastmask.MaskSet.load(out / "masks" / "seed0_lr0.001_spu-original_task1.safetensors")
+    assert list(a) == list(b) and all(torch.equal(a[n].indices, b[n].indices) for n in a)
+    res = json.loads((out / "results.json").read_text())
+    assert res["scoring"]["spu"] == res["scoring"]["spu-original"]
+    # ... and with the defaults, spu's masks differ (contrastive loss, batch sums, fewer batches)
+    assert cli.main(common + ["--out", str(tmp_path / "out2")]) == 0
+    c = fastmask.MaskSet.load(tmp_path / "out2" / "masks" / "seed0_lr0.001_spu_task1.safetensors")
+    assert any(not torch.equal(c[n].indices, b[n].indices) for n in c)
 
 
 def test_spu_changes_only_selected_entries_and_dense_extras(tmp_path):

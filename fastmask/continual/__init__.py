@@ -7,7 +7,8 @@ on its own:
   splits, the replay buffer;
 - :mod:`.model`: the small CLIP of the embedded default, its word tokenizer, its pretraining
   (cached on disk), and loading any open_clip model for real use;
-- :mod:`.methods`: how ``spu``, ``spu-original``, ``full`` and ``frozen`` train;
+- :mod:`.methods`: how ``spu``, ``spu-original``, ``full`` and ``frozen`` score and train;
+- :mod:`.checks`: every setting checked before any work (errors name the flag);
 - :mod:`.job`: the loop over seeds, learning rates, methods and tasks; evaluation and metrics;
 - :mod:`.report`: the terminal table, the JSON file and the plots.
 """

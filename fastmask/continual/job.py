@@ -3,7 +3,8 @@
 Per task (an ordinary open_clip training loop, see :func:`train_sequence`):
 
 1. the method sets up the task (:func:`.methods.setup_task`): for SPU, score the c_fc weights on
-   a quarter of an epoch of the task's batches, select 10% per tensor, build MaskedAdamW;
+   a quarter of an epoch of the task's batches (``spu-original`` with the original code's loss,
+   accumulation and stop rule, :class:`.methods.Scoring`), select 10% per tensor, build the optimizer;
 2. train for ``epochs`` epochs with the contrastive loss between images and their class prompts
    (plus a few replayed samples of earlier tasks per batch, with ``replay > 0``);
 3. evaluate by zero-shot classification: the new task (with its own prompts, and among all classes
@@ -21,22 +22,26 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from . import checks
 from . import data as D
 from . import methods as Mth
 from . import model as Mdl
+from .checks import ConfigError, MissingDependency  # noqa: F401  (re-exported for callers)
 
 
 @dataclass
 class JobConfig:
-    """Everything that determines a run. ``None`` fields take the embedded or real-data default."""
+    """Everything that determines a run. ``None`` fields take the embedded or real-data default
+    (:func:`resolve`); the command line maps one flag to each field (``--score-fraction`` for
+    ``score_fraction``...)."""
 
     out: str = "outputs/continual"
     methods: tuple[str, ...] = Mth.DEFAULT_METHODS
@@ -47,15 +52,19 @@ class JobConfig:
     batch_size: int | None = None
     epochs: int | None = None
     density: float = 0.1
-    score_fraction: float = 0.25  # of an epoch, for scoring (the original work: a quarter)
-    score_batches: int | None = None  # overrides score_fraction
+    score_fraction: float | None = None  # of an epoch, for scoring (default 0.25: the original work's quarter)
+    score_batches: int | None = None  # instead of score_fraction
+    score_loss: str | None = None  # None: each method's own (methods.SCORING); else for every SPU method
+    score_accumulate: str | None = None
+    score_stop: str | None = None
     replay: int = 0  # samples per earlier task kept in the buffer (0: no replay)
     replay_batch: int | None = None  # replayed samples per batch (default: a quarter of the batch)
     device: str = "cpu"
     amp: bool = False
+    fused: bool = False  # fused=True for every optimizer (default: PyTorch's default implementation)
     threads: int | None = None
     workers: int = 0
-    progress: bool = True
+    progress: bool | str = "auto"  # "auto": progress bars only when stderr is a terminal
     plots: bool = True
     save_masks: bool = True
     # Real use.
@@ -63,11 +72,11 @@ class JobConfig:
     pretrained: str | None = None
     data: str | None = None
     control: str | None = None
-    tasks: int = 2
-    # The embedded default.
-    pretrain_epochs: int = 100
-    pretrain_lr: float = 2e-3
-    pretrain_seed: int = 0
+    tasks: int | None = None  # default 2
+    # The embedded default (None: the defaults below).
+    pretrain_epochs: int | None = None
+    pretrain_lr: float | None = None
+    pretrain_seed: int | None = None
     cache_dir: str | None = None
     limit_per_class: int | None = None  # tests: keep this many digit images per class
     max_steps: int | None = None  # tests: at most this many training steps per task
@@ -78,30 +87,49 @@ class JobConfig:
 
 
 # Calibrated for the embedded default (small CLIP on digits, 2 CPU cores).
-EMBEDDED_DEFAULTS = dict(lr=1e-3, weight_decay=0.2, batch_size=32, epochs=30)
+EMBEDDED_DEFAULTS = dict(lr=1e-3, weight_decay=0.2, batch_size=32, epochs=30, pretrain_epochs=100, pretrain_lr=2e-3,
+                         pretrain_seed=0)
 # The original work's values for real data (AdamW lr 7.5e-6, weight decay 0.2, batch 128); the
 # number of epochs per task is this job's choice.
-REAL_DEFAULTS = dict(lr=7.5e-6, weight_decay=0.2, batch_size=128, epochs=10)
+REAL_DEFAULTS = dict(lr=7.5e-6, weight_decay=0.2, batch_size=128, epochs=10, tasks=2)
+SCORE_FRACTION = 0.25
+#: The base model is "near chance" on the control set below chance + this share of (1 - chance).
+NEAR_CHANCE_MARGIN = 0.1
 
 
 def resolve(cfg: JobConfig) -> JobConfig:
-    """Fill the ``None`` fields with the defaults of the embedded benchmark or of real data."""
+    """Fill the ``None`` fields with the defaults of the embedded benchmark or of real data, and
+    check every value (:class:`ConfigError` names the flag). Touches no file, device or model:
+    :func:`run` calls :func:`.checks.preflight` for those."""
+    checks.check_mode(cfg)
+    if cfg.lr is not None and cfg.lrs is not None and tuple(cfg.lrs) != (cfg.lr,):
+        raise ConfigError("--lr", "give --lr or --lrs, not both")
+    if cfg.score_fraction is not None and cfg.score_batches is not None:
+        raise ConfigError("--score-batches", "give --score-batches or --score-fraction, not both")
     defaults = EMBEDDED_DEFAULTS if cfg.embedded else REAL_DEFAULTS
     for k, v in defaults.items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
+    if cfg.score_fraction is None and cfg.score_batches is None:
+        cfg.score_fraction = SCORE_FRACTION
     if cfg.lrs is None:
         cfg.lrs = (cfg.lr,)
-    if cfg.replay_batch is None:
-        cfg.replay_batch = max(1, cfg.batch_size // 4) if cfg.replay > 0 else 0
+    cfg.methods, cfg.seeds, cfg.lrs = tuple(cfg.methods), tuple(cfg.seeds), tuple(cfg.lrs)
+    checks.check_values(cfg)
+    if cfg.replay_batch is None and cfg.replay > 0:
+        cfg.replay_batch = max(1, cfg.batch_size // 4)
     if cfg.threads is None and cfg.embedded and cfg.device == "cpu":
         cfg.threads = 1  # the small model gains nothing from intra-op threads, and loses much on a busy machine
-    bad = [m for m in cfg.methods if m not in Mth.METHODS]
-    if bad:
-        raise ValueError(f"methods: unknown {bad}; known: {', '.join(Mth.METHODS)}")
-    if not cfg.embedded and cfg.control is None:
-        raise ValueError("--data needs --control (a directory of images of the base model's classes)")
+    if not isinstance(cfg.progress, bool):
+        cfg.progress = {"always": True, "never": False}.get(cfg.progress, _stderr_is_terminal())
     return cfg
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _rss_bytes() -> int:
@@ -204,11 +232,26 @@ def evaluate(model, ctx: Context, cfg: JobConfig, t: int, eval_loaders: dict, au
     return out
 
 
+def _scoring_loss(scoring: Mth.Scoring | None, lookup: torch.Tensor, captions: torch.Tensor, device, autocast):
+    """The loss ``fastmask.score`` differentiates for a method's scoring (None: no scoring)."""
+    if scoring is None:
+        return None
+    fn = Mdl.contrastive_loss if scoring.loss == "contrastive" else Mdl.l2_logits_loss
+
+    def loss_fn(model, batch):
+        images, labels = batch
+        with autocast() if autocast else contextlib.nullcontext():
+            return fn(model, images.to(device), lookup[labels].to(device), captions).float()
+
+    return loss_fn
+
+
 def train_sequence(method: str, lr: float, seed: int, ctx: Context, cfg: JobConfig, eval_loaders: dict,
-                   model=None, log=print) -> tuple[dict, list]:
+                   model=None, log=print, before: dict | None = None) -> tuple[dict, list]:
     """Teach every task in turn with one method; returns (the run's record, the masks per task).
 
-    ``model`` defaults to a fresh copy of the base model; it is trained in place.
+    ``model`` defaults to a fresh copy of the base model; it is trained in place. ``before`` is the
+    base model's evaluation (computed here when not given).
     """
     from tqdm.auto import tqdm
 
@@ -217,8 +260,11 @@ def train_sequence(method: str, lr: float, seed: int, ctx: Context, cfg: JobConf
     torch.manual_seed(seed)
     model = model if model is not None else ctx.build()
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.amp else None
-    before = evaluate(model, ctx, cfg, -1, eval_loaders, autocast)
-    record = dict(method=method, lr=None if method == "frozen" else lr, seed=seed, before=before, tasks=[])
+    if before is None:
+        before = evaluate(model, ctx, cfg, -1, eval_loaders, autocast)
+    scoring = Mth.scoring_for(method, cfg.score_loss, cfg.score_accumulate, cfg.score_stop)
+    record = dict(method=method, lr=None if method == "frozen" else lr, seed=seed, before=before, tasks=[],
+                  scoring=None if scoring is None else asdict(scoring))
     replay = D.ReplayBuffer(cfg.replay, seed=seed)
     all_masks = []
     best = list(before["tasks_own"])  # best accuracy so far per task, for forgetting
@@ -235,16 +281,20 @@ def train_sequence(method: str, lr: float, seed: int, ctx: Context, cfg: JobConf
                 return Mdl.contrastive_loss(model, images.to(device), lookup[labels].to(device), captions).float()
 
         loader = _loader(train_ds, cfg, shuffle=True, seed=seed * 1000 + t)
-        n_score = cfg.score_batches or max(1, math.ceil(cfg.score_fraction * len(loader)))
+        score_loader = _loader(train_ds, cfg, shuffle=True, seed=seed * 1000 + t + 500)
+        n_score, n_extra = (scoring.batches(len(score_loader), cfg.score_fraction, cfg.score_batches)
+                            if scoring is not None else (0, None))
+        score_fn = _scoring_loss(scoring, lookup, captions, device, autocast)
+        scored = []
         t0 = time.perf_counter()
         setup = Mth.setup_task(
-            method, model, _loader(train_ds, cfg, shuffle=True, seed=seed * 1000 + t + 500), loss_fn,
-            lr=lr, weight_decay=cfg.weight_decay, density=cfg.density, score_batches_n=n_score,
-            progress=cfg.progress)
+            method, model, score_loader, (lambda m, b: scored.append(1) or score_fn(m, b)) if score_fn else loss_fn,
+            lr=lr, weight_decay=cfg.weight_decay, density=cfg.density, score_batches_n=max(1, n_score),
+            progress=cfg.progress, scoring=scoring, max_extra_batches=n_extra, fused=True if cfg.fused else None)
         score_s = time.perf_counter() - t0
         all_masks.append(setup.masks)
 
-        steps, step_s = 0, 0.0
+        steps, step_s, g_bytes, opt_bytes = 0, 0.0, 0, 0
         mem = _Memory(device)
         if setup.optimizer is not None:
             model.train()
@@ -257,7 +307,7 @@ def train_sequence(method: str, lr: float, seed: int, ctx: Context, cfg: JobConf
                 for images, labels in loader:
                     if steps >= total:
                         break
-                    extra = replay.sample(cfg.replay_batch)
+                    extra = replay.sample(cfg.replay_batch or 0)
                     if extra is not None:
                         images, labels = torch.cat([images, extra[0]]), torch.cat([labels, extra[1]])
                     if device.type == "cuda":
@@ -276,12 +326,11 @@ def train_sequence(method: str, lr: float, seed: int, ctx: Context, cfg: JobConf
                     step_s += time.perf_counter() - s0
                     steps += 1
                     bar.update()
-                    bar.set_postfix(loss=f"{loss.item():.3f}")
+                    if cfg.progress:
+                        bar.set_postfix(loss=f"{loss.item():.3f}")
             bar.close()
             opt_bytes = Mth.state_bytes(setup.optimizer)
             del setup.optimizer
-        else:
-            opt_bytes = g_bytes = 0
         replay.add_task(train_ds)
 
         ev = evaluate(model, ctx, cfg, t, eval_loaders, autocast)
@@ -292,14 +341,15 @@ def train_sequence(method: str, lr: float, seed: int, ctx: Context, cfg: JobConf
             control_drop=before["control"] - ev["control"],
             forgetting=(sum(previous) / len(previous)) if previous else None,
             steps=steps, step_ms=1000 * step_s / steps if steps else None, score_s=score_s,
-            score_batches=n_score if setup.masks is not None else 0,
+            score_batches=len(scored),
             opt_state_bytes=opt_bytes, grad_bytes=g_bytes, peak_mem_delta_mb=mem.delta_mb() if steps else None,
             selected=setup.masks.k if setup.masks is not None else None,
         )
         record["tasks"].append(row)
+        timing = f"{row['step_ms']:.1f} ms/step" if steps else "no training"
+        scored_on = f", scored on {len(scored)} batch{'es' if len(scored) > 1 else ''}" if scored else ""
         log(f"  seed {seed} lr {lr:g} {method:12s} task {t + 1}: new {ev['new_own']:.3f} (among seen "
-            f"{ev['new_seen']:.3f}), control {ev['control']:.3f} ({-row['control_drop']:+.3f}), "
-            f"{row['step_ms'] or 0:.1f} ms/step")
+            f"{ev['new_seen']:.3f}), control {ev['control']:.3f} ({-row['control_drop'] + 0.0:+.3f}), {timing}{scored_on}")
     for p in model.parameters():
         p.requires_grad_(True)
     return record, all_masks
@@ -322,17 +372,33 @@ def summarize(record: dict) -> dict:
         opt_state_bytes=max(r["opt_state_bytes"] for r in rows),
         grad_bytes=max(r["grad_bytes"] for r in rows),
         peak_mem_delta_mb=max((r["peak_mem_delta_mb"] for r in rows if r["peak_mem_delta_mb"] is not None), default=None),
+        score_batches=(sum(r["score_batches"] for r in rows) / len(rows)) if any(r["score_batches"] for r in rows) else None,
     )
 
 
+def base_model_check(before: dict, n_control_classes: int) -> dict:
+    """The base model's control accuracy against chance; ``near_chance`` when it is below
+    ``chance + NEAR_CHANCE_MARGIN * (1 - chance)`` (the control column then means little)."""
+    chance = 1.0 / n_control_classes
+    near = before["control"] < chance + NEAR_CHANCE_MARGIN * (1.0 - chance)
+    return dict(control=before["control"], chance=chance, near_chance=bool(near), tasks_own=before["tasks_own"])
+
+
 def run(cfg: JobConfig, log=print) -> dict:
-    """Run the whole job and write its outputs; returns the results (also saved as JSON)."""
+    """Run the whole job and write its outputs; returns the results (also saved as JSON).
+
+    Every setting is checked first (:func:`resolve`, :func:`.checks.preflight`), before any model,
+    data or scoring work: :class:`ConfigError` names the flag, :class:`MissingDependency` the pip
+    command.
+    """
     from . import report
 
     cfg = resolve(cfg)
+    notes = checks.preflight(cfg)
+    for note in notes:
+        log(f"note: {note}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    os.makedirs(cfg.out, exist_ok=True)
     t_start = time.perf_counter()
     ctx = prepare(cfg, log=log)
     log(ctx.info["benchmark"])
@@ -343,13 +409,28 @@ def run(cfg: JobConfig, log=print) -> dict:
         eval_loaders[j] = _loader(D.subset(bench.test, task), cfg, False, batch_size=eval_bs)
         eval_loaders["seen", j] = _loader(D.subset(bench.test, bench.seen(j)), cfg, False, batch_size=eval_bs)
 
+    device = torch.device(cfg.device)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.amp else None
+    before = evaluate(ctx.base_model, ctx, cfg, -1, eval_loaders, autocast)
+    base = base_model_check(before, len(bench.control_names))
+    log(f"base model: control accuracy {base['control']:.1%} ({len(bench.control_names)} classes, "
+        f"chance {base['chance']:.1%})")
+    if base["near_chance"]:
+        hint = ("pretrain it longer (--pretrain-epochs, default 100)" if cfg.embedded else
+                "check --pretrained and that --control holds classes the model knows")
+        warning = (f"the base model's control accuracy ({base['control']:.1%}) is near chance "
+                   f"({base['chance']:.1%}): it has little generic knowledge to lose, so the control and "
+                   f"forgetting columns say little; {hint}")
+        log(f"WARNING: {warning}")
+        notes.append(warning)
+
     runs = []
     for seed in cfg.seeds:
         for lr in cfg.lrs:
             for method in cfg.methods:
                 if method == "frozen" and lr != cfg.lrs[0]:
                     continue  # no training: the same at every learning rate
-                record, masks = train_sequence(method, lr, seed, ctx, cfg, eval_loaders, log=log)
+                record, masks = train_sequence(method, lr, seed, ctx, cfg, eval_loaders, log=log, before=before)
                 record["summary"] = summarize(record)
                 runs.append(record)
                 if cfg.save_masks and masks and masks[0] is not None:
@@ -358,11 +439,14 @@ def run(cfg: JobConfig, log=print) -> dict:
                     for t, m in enumerate(masks):
                         m.save(os.path.join(mdir, f"seed{seed}_lr{lr:g}_{method}_task{t + 1}.safetensors"),
                                metadata={"method": method, "task": str(t + 1), "seed": str(seed)})
+    scoring = {m: Mth.scoring_for(m, cfg.score_loss, cfg.score_accumulate, cfg.score_stop) for m in cfg.methods}
     results = dict(
         config={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
         info=ctx.info, tasks=[[bench.class_names[c] for c in t] for t in bench.tasks],
-        control_classes=bench.control_names, runs=runs, summary=report.aggregate(runs),
-        memory_measure=("torch.cuda.max_memory_allocated delta" if torch.device(cfg.device).type == "cuda" else
+        control_classes=bench.control_names, base_model=base, notes=notes,
+        scoring={m: dict(asdict(sc), description=sc.describe()) for m, sc in scoring.items() if sc is not None},
+        runs=runs, summary=report.aggregate(runs),
+        memory_measure=("torch.cuda.max_memory_allocated delta" if device.type == "cuda" else
                         "peak RSS increase during training, sampled after each backward (/proc/self/statm)"),
         wall_s=time.perf_counter() - t_start,
     )

@@ -9,7 +9,8 @@ token embedding, 20 times the rest of the model, for a vocabulary of a dozen wor
 Loss. :func:`contrastive_loss` is CLIP's loss between images and their *class* captions: the
 image-to-caption cross-entropy over the captions of the classes being trained, plus a
 caption-to-image term in which a caption has several positives (every image of its class in the
-batch), averaged over the captions present in the batch.
+batch), averaged over the captions present in the batch. :func:`l2_logits_loss` is the original SPU
+code's scoring loss (no labels in the loss itself; each image is paired with its own caption).
 """
 from __future__ import annotations
 
@@ -91,6 +92,17 @@ def contrastive_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     return (loss_i2t + loss_t2i) / 2
 
 
+def l2_logits_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                   caption_tokens: torch.Tensor) -> torch.Tensor:
+    """The original SPU code's scoring loss: each image's caption is its class prompt (one text per
+    image, as the original's data loader gives), the logits are ``[B, B]`` image-to-text, and the
+    loss is the squared L2 norm of each image's row averaged over images
+    (:func:`fastmask.scoring.l2_logits_loss`). The labels only pick the captions."""
+    from fastmask.scoring import l2_logits_loss as original
+
+    return original(model, (images, caption_tokens[labels]))
+
+
 @torch.no_grad()
 def text_features(model: nn.Module, tokens: torch.Tensor, device) -> torch.Tensor:
     return F.normalize(model.encode_text(tokens.to(device)).float(), dim=-1)
@@ -165,7 +177,9 @@ def pretrain_tiny_clip(bench, tokenizer: WordTokenizer, *, seed: int, epochs: in
     lookup = torch.full((len(bench.class_names),), -1, dtype=torch.long)
     lookup[torch.as_tensor(bench.base)] = torch.arange(len(bench.base))
     g = torch.Generator().manual_seed(seed)
+    batch_size = min(batch_size, len(bench.pretrain))  # a small --limit-per-class still makes one batch
     loader = torch.utils.data.DataLoader(bench.pretrain, batch_size=batch_size, shuffle=True, generator=g, drop_last=True)
+    log(f"pretraining the base model (seed {seed}, {epochs} epochs on {len(bench.pretrain)} images; cached afterwards)")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(loader), pct_start=0.1)
     model.train()

@@ -10,7 +10,17 @@ import os
 import statistics
 
 SUMMARY_KEYS = ("new_acc", "new_seen_acc", "final_tasks_acc", "final_seen_acc", "control", "control_drop",
-                "forgetting", "step_ms", "opt_state_bytes", "grad_bytes", "peak_mem_delta_mb")
+                "forgetting", "step_ms", "opt_state_bytes", "grad_bytes", "peak_mem_delta_mb", "score_batches")
+#: Plot style per method: (marker, line style, marker size, hollow marker). Methods whose curves
+#: coincide (spu and spu-original often do) stay distinguishable by marker, dash and a small offset.
+STYLES = {
+    "spu": ("o", "-", 6, False),
+    "spu-original": ("s", "--", 9, True),
+    "full": ("^", "-.", 7, False),
+    "frozen": ("*", ":", 11, False),
+    "spu-noproj": ("D", (0, (5, 1, 1, 1)), 7, True),
+}
+COLORS = {"spu": "C0", "spu-original": "C1", "full": "C2", "frozen": "C7", "spu-noproj": "C4"}
 
 
 def _stats(values: list) -> dict | None:
@@ -64,6 +74,19 @@ def table(results: dict) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda r: "  ".join(str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(r, widths)))
     seeds = sorted({sd for s in results["summary"] for sd in s["seeds"]})
+    scoring = results.get("scoring") or {}
+    scored = []
+    for method, sc in scoring.items():
+        n = [s["score_batches"]["mean"] for s in results["summary"] if s["method"] == method and s.get("score_batches")]
+        per_task = f" ({sum(n) / len(n):.1f} batches per task)" if n else ""
+        scored.append(f"{method}: {sc['description']}{per_task}")
+    extra = []
+    if scored:
+        extra.append("scoring: " + "; ".join(scored) + ".")
+    base = results.get("base_model")
+    if base:
+        extra.append(f"base model: control {100 * base['control']:.1f}% (chance {100 * base['chance']:.1f}%).")
+    extra += [f"WARNING: {n}" if "near chance" in n else f"note: {n}" for n in results.get("notes", [])]
     notes = (
         f"After the last of {len(results['tasks'])} tasks {results['tasks']}; seeds {seeds} (mean ± std); accuracies in %.\n"
         "new: each task's accuracy right after learning it, its own class prompts, averaged over tasks; "
@@ -73,7 +96,7 @@ def table(results: dict) -> str:
         "forgetting: mean drop of earlier tasks from their best accuracy; ms/step: forward+backward+step;\n"
         "grads+opt: bytes of the gradients after backward plus the optimizer state; RSS Δ: " + results["memory_measure"] + "."
     )
-    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows), "", notes])
+    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows), "", notes, *extra])
 
 
 def _finite(obj) -> None:
@@ -87,18 +110,27 @@ def _finite(obj) -> None:
     return obj
 
 
+def _style(method: str) -> dict:
+    marker, dash, size, hollow = STYLES.get(method, ("o", "-", 6, False))
+    color = COLORS.get(method)
+    return dict(marker=marker, linestyle=dash, markersize=size, color=color,
+                markerfacecolor="none" if hollow else color, markeredgewidth=1.5 if hollow else 1.0)
+
+
 def _plot_curves(results: dict, lr, path: str, plt) -> None:
-    """New-task and control accuracy after each task, one line per method, at learning rate ``lr``."""
+    """New-task and control accuracy after each task, one line per method, at learning rate ``lr``.
+    Each method has its own marker, dash and a small horizontal offset, so coinciding curves stay
+    visible."""
     n_tasks = len(results["tasks"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for s in results["summary"]:
-        if s["lr"] not in (lr, None):
-            continue
+    shown = [s for s in results["summary"] if s["lr"] in (lr, None)]
+    for i, s in enumerate(shown):
         label = s["method"] + ("" if s["lr"] is None else f" (lr {s['lr']:g})")
+        dx = 0.06 * (i - (len(shown) - 1) / 2)
         for ax, key, first in ((axes[0], "curve_new", 1), (axes[1], "curve_control", 0)):
-            xs = list(range(first, n_tasks + 1))
+            xs = [x + dx for x in range(first, n_tasks + 1)]
             ax.errorbar(xs, [c["mean"] * 100 for c in s[key]], yerr=[c["std"] * 100 for c in s[key]],
-                        marker="o", capsize=3, label=label)
+                        capsize=3, label=label, alpha=0.9, **_style(s["method"]))
     axes[0].set(title="new task (own prompts), right after learning it", xlabel="task", ylabel="accuracy (%)",
                 xticks=list(range(1, n_tasks + 1)))
     axes[1].set(title="control set (generic knowledge)", xlabel="after task (0: base model)", ylabel="accuracy (%)",
@@ -109,6 +141,24 @@ def _plot_curves(results: dict, lr, path: str, plt) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _label_points(ax, items: list[tuple]) -> None:
+    """Annotate points ``(x, y, text, color)``; labels of points that (nearly) coincide are stacked
+    instead of drawn over each other."""
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    tol_x, tol_y = 0.04 * (x1 - x0), 0.04 * (y1 - y0)
+    clusters: list[list[tuple]] = []
+    for item in items:
+        for c in clusters:
+            if abs(c[0][0] - item[0]) <= tol_x and abs(c[0][1] - item[1]) <= tol_y:
+                c.append(item)
+                break
+        else:
+            clusters.append([item])
+    for c in clusters:
+        for k, (x, y, text, color) in enumerate(c):
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(6, 4 + 9 * k), fontsize=7, color=color)
 
 
 def plot(results: dict, out: str) -> list[str]:
@@ -128,21 +178,21 @@ def plot(results: dict, out: str) -> list[str]:
         paths.append(os.path.join(out, name))
         _plot_curves(results, lr, paths[-1], plt)
     if len(lrs) > 1:
-        fig, ax = plt.subplots(figsize=(6.5, 5))
+        fig, ax = plt.subplots(figsize=(7, 5.5))
+        labels = []
         for method in dict.fromkeys(s["method"] for s in summary):
             pts = sorted((s for s in summary if s["method"] == method), key=lambda s: s["lr"] or 0)
             x = [s["control"]["mean"] * 100 for s in pts]
             y = [s["new_acc"]["mean"] * 100 for s in pts]
+            style = _style(method)
             ax.errorbar(x, y, xerr=[s["control"]["std"] * 100 for s in pts], yerr=[s["new_acc"]["std"] * 100 for s in pts],
-                        marker="o" if method != "frozen" else "*", markersize=7 if method != "frozen" else 12,
-                        capsize=3, label=method)
-            for s, xi, yi in zip(pts, x, y):
-                if s["lr"] is not None:
-                    ax.annotate(f"{s['lr']:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                        capsize=3, label=method, alpha=0.9, **style)
+            labels += [(xi, yi, f"{s['lr']:g}", style["color"]) for s, xi, yi in zip(pts, x, y) if s["lr"] is not None]
         ax.set(title="forgetting / learning trade-off (one point per learning rate)",
                xlabel="control accuracy after the last task (%)", ylabel="new-task accuracy (%, mean over tasks)")
         ax.grid(alpha=0.3)
         ax.legend()
+        _label_points(ax, labels)
         fig.tight_layout()
         paths.append(os.path.join(out, "tradeoff.png"))
         fig.savefig(paths[-1], dpi=110)
