@@ -424,6 +424,17 @@ def _mismatch(rank, world):
     same.step()
     dst.load_state_dict(same.state_dict())  # equal masks: adopted on every rank
     out["adopted"] = len(dst.masks)
+    # a rank whose checkpoint is refused by its own checks, while the other adopts masks
+    fresh = MaskedAdamW(model.parameters(), model=model)
+    sd = same.state_dict()
+    if rank == 1:
+        sd = dict(sd, param_groups=sd["param_groups"] * 2)
+    try:
+        fresh.load_state_dict(sd)
+        out["load_local"] = None
+    except (ValueError, RuntimeError) as exc:
+        out["load_local"] = f"{type(exc).__name__}: {exc}"
+    out["load_local_atomic"] = not fresh.masks
     # verify_masks=False: no check (and no collective)
     MaskedAdamW(model.parameters(), masks=other, model=model, verify_masks=False)
     return out
@@ -442,6 +453,10 @@ def test_mask_mismatch_fails_loudly(ranks):
         assert out["adopted"] == 3
     assert res[1]["local"].startswith("IndexError") and "out of range" in res[1]["local"], res[1]["local"]
     assert res[0]["local"].startswith("RuntimeError") and "failed on rank(s) [1]" in res[0]["local"], res[0]["local"]
+    assert res[1]["load_local"].startswith("ValueError") and "parameter groups" in res[1]["load_local"]
+    assert res[0]["load_local"].startswith("RuntimeError") and "load_state_dict: failed on rank(s) [1]" in \
+        res[0]["load_local"], res[0]["load_local"]
+    assert res[0]["load_local_atomic"] and res[1]["load_local_atomic"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -530,3 +545,41 @@ def test_tiny_clip_hook_matches_plain_ddp(ranks):
                 assert torch.equal(m, res[0]["plain"][0][n]), f"{n}: rank {r} selected another mask"
             for n, p in params.items():
                 assert torch.equal(p, res[0]["plain"][1][n]), f"{variant} {n}: rank {r} differs from plain DDP rank 0"
+
+
+# ------------------------------------------------------------------------------------------------
+# the pool itself: a rank's error comes back with its traceback, a silent rank is killed in time
+# ------------------------------------------------------------------------------------------------
+def _ranks(rank, world):
+    return rank
+
+
+def _fail_on_rank_1(rank, world):
+    if rank == 1:
+        raise KeyError("rank one's own error")
+    return rank
+
+
+def _sleep_on_rank_0(rank, world):
+    if rank == 0:
+        time.sleep(60)
+    return rank
+
+
+def test_rank_pool_reports_errors_and_timeouts():
+    pool = RankPool(WORLD)
+    try:
+        assert pool.run(_ranks) == [0, 1]
+        with pytest.raises(AssertionError, match=r"(?s)failed on rank\(s\) \[1\].*KeyError: \"rank one's own error\""):
+            pool.run(_fail_on_rank_1)
+        assert pool.broken and not any(p.is_alive() for p in pool.procs)
+    finally:
+        pool.close(kill=True)
+    pool = RankPool(WORLD)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(AssertionError, match=r"rank 0 did not answer within 3 s"):
+            pool.run(_sleep_on_rank_0, timeout=3)
+        assert time.monotonic() - t0 < 20 and not any(p.is_alive() for p in pool.procs)
+    finally:
+        pool.close(kill=True)
