@@ -121,7 +121,8 @@ def all_reduce_scores(scores: Mapping[str, torch.Tensor], mode: str, process_gro
     dist = _dist()
     layout = [(str(n), tuple(t.shape), str(t.dtype)) for n, t in scores.items()]
     _agree_on(layout, group, what="all_reduce_scores", item="score tensor",
-              describe=lambda e: f"{e[0]!r} of shape {e[1]} and dtype {e[2]}")
+              describe=lambda e: f"{e[0]!r} of shape {e[1]} and dtype {e[2]}",
+              hint="Every rank must pass the same score tensors (names, order, shapes, dtypes)")
     works = [dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group, async_op=True)
              for t in scores.values() if t.numel()]
     for w in works:
@@ -162,7 +163,7 @@ def _digest(entries: Sequence[Any]) -> int:
 
 
 def _agree_on(entries: Sequence[Any] | None, group: Any, *, what: str, item: str, describe,
-              key=lambda e: e, failed: bool = False) -> None:
+              hint: str, key=lambda e: e, failed: bool = False) -> None:
     """Every rank of ``group`` must pass equal ``entries`` (a list of small picklable tuples whose
     first field labels the entry in messages), compared by ``key(entry)``.
 
@@ -196,10 +197,7 @@ def _agree_on(entries: Sequence[Any] | None, group: Any, *, what: str, item: str
         label = next(g[0] for g in got if g is not None)
         parts = "; ".join(f"rank {rk}: {describe(g) if g is not None else 'nothing (fewer entries)'}"
                           for rk, g in zip(ranks, got))
-        raise MaskMismatchError(
-            f"{what}: ranks disagree at {item} {i} ({label}): {parts}. Every rank must hold the same "
-            "masks: select them from scores reduced with fastmask.distributed.all_reduce_scores, or "
-            "load the same MaskSet file on every rank")
+        raise MaskMismatchError(f"{what}: ranks disagree at {item} {i} ({label}): {parts}. {hint}")
     raise MaskMismatchError(f"{what}: ranks disagree ({[h[1:] for h in heads]})")  # pragma: no cover
 
 
@@ -229,7 +227,8 @@ def verify_same_masks(masks: Sequence[tuple[str, torch.Size | Sequence[int], tor
         entries = [(str(name), tuple(int(d) for d in shape), _DENSE if idx is None else int(idx.numel()),
                     mask_fingerprint(idx, shape)) for name, shape, idx in masks]  # type: ignore[union-attr]
     _agree_on(entries, group, what=what, item="parameter", describe=_describe_mask, key=lambda e: e[1:],
-              failed=failed)
+              failed=failed, hint="Every rank must hold the same masks: select them from scores reduced with "
+              "fastmask.distributed.all_reduce_scores, or load the same MaskSet file on every rank")
 
 
 # ------------------------------------------------------------------------------------------------

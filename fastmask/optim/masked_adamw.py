@@ -217,7 +217,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         # GradScaler passes grad_scale/found_inf to step() instead of unscaling and syncing.
         self._step_supports_amp_scaling = True
-        self.set_masks(masks if masks is not None else {}, model=model)
+        self._set_masks(masks if masks is not None else {}, model, "MaskedAdamW()")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As ``torch.optim.Optimizer.add_param_group``; a parameter listed twice is an error."""
@@ -396,6 +396,9 @@ class MaskedAdamW(torch.optim.Optimizer):
         Under an initialized process group this is a collective call (see ``verify_masks``):
         every rank must call it, with the same masks.
         """
+        self._set_masks(masks, model, "set_masks")
+
+    def _set_masks(self, masks, model: nn.Module | None, what: str) -> None:
         group = self._mask_group()
         try:
             names = self._known_names(model)
@@ -407,10 +410,10 @@ class MaskedAdamW(torch.optim.Optimizer):
             buckets = self._build(checked)
         except BaseException:
             if group is not None:
-                self._verify(group, None, None, "set_masks")  # take part, so the other ranks do not hang
+                self._verify(group, None, None, what)  # take part, so the other ranks do not hang
             raise
         if group is not None:
-            self._verify(group, checked, names, "set_masks")
+            self._verify(group, checked, names, what)
         self._install(buckets, names)
 
     @property
