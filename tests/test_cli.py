@@ -202,8 +202,8 @@ def test_missing_package_is_reported_at_start(monkeypatch, tmp_path, capsys, no_
     assert time.perf_counter() - t0 < 1.0
     assert exc.value.code == 1
     err = capsys.readouterr().err.strip()
-    assert err == ("fastmask continual: error: fastmask continual needs scikit-learn (the embedded default's "
-                   "digits): pip install 'fastmask[job]'"), err
+    assert err == ("fastmask continual: error: missing scikit-learn (the embedded default's digits): "
+                   "pip install 'fastmask[job]'"), err
 
 
 def test_without_matplotlib_the_job_runs_without_plots(monkeypatch, tmp_path, capsys):

@@ -233,7 +233,7 @@ def check_dependencies(cfg) -> list[str]:
     missing = [(pkg, why) for module, pkg, why in need if not _have(module)]
     if missing:
         what = ", ".join(f"{pkg} ({why})" for pkg, why in missing)
-        raise MissingDependency(f"fastmask continual needs {what}: {INSTALL_HINT}")
+        raise MissingDependency(f"missing {what}: {INSTALL_HINT}")
     notes = []
     if cfg.plots and not _have("matplotlib"):
         cfg.plots = False
