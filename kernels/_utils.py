@@ -7,9 +7,11 @@ from the table and casts them to typed pointers (as Triton's grouped-GEMM tutori
 """
 from __future__ import annotations
 
+import math
 import os
 from collections import OrderedDict
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -17,6 +19,7 @@ import triton.language as tl
 #: Kernels were decorated for the interpreter (``TRITON_INTERPRET=1`` when this module loaded):
 #: ``triton.jit`` decides this once, at decoration time.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_INTERPRETED = tl.constexpr(INTERPRETED)  # the same, usable inside kernels
 
 # Table rows (compile-time constants so kernels can use them; ``.value`` on the host).
 BLOCK_START = tl.constexpr(0)  # first program id of the tensor
@@ -156,6 +159,112 @@ def to_param_dtype(x, P_DTYPE: tl.constexpr):
     else:
         y = x.to(P_DTYPE)
     return y
+
+
+# ------------------------------------------------------------------------------------------------
+# exact arithmetic helpers (csrc/adamw_math.h is the C++ twin of these)
+#
+# Kernels that use them must be launched with ``enable_fp_fusion=False``: Triton lets LLVM
+# contract a*b + c into an FMA by default, which rounds once where torch rounds twice. The FMAs
+# torch does use are written out with ``fma_f32``.
+# ------------------------------------------------------------------------------------------------
+def f64_bits(x: float) -> int:
+    """The IEEE bits of ``x`` as a signed int64: how a float64 scalar reaches a kernel.
+
+    Triton passes a Python float as fp32 (and the interpreter turns one into an fp32 constant),
+    so float64 scalars travel as their bits and ``as_f64`` rebuilds them in the kernel. Kernels
+    must not specialize on these arguments (``do_not_specialize``)."""
+    return int(np.array(float(x), dtype=np.float64).view(np.int64))
+
+
+def f32_bits(x: float) -> int:
+    """``x`` rounded once to fp32 (to nearest even, as a C cast), as signed int32 bits."""
+    with np.errstate(over="ignore"):
+        return int(np.array(float(x), dtype=np.float64).astype(np.float32).view(np.int32))
+
+
+@triton.jit
+def as_f64(bits):
+    return bits.to(tl.int64).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def as_f32(bits):
+    return bits.to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def fma_f32(a, b, c):
+    """fp32 ``a * b + c`` rounded once (IEEE fusedMultiplyAdd).
+
+    On a GPU, ``tl.fma``. The interpreter's ``tl.fma`` is ``a * b + c`` in numpy (two roundings),
+    so there it is computed in fp64: ``a * b`` is exact (48 bits), the sum is rounded to odd
+    (round to nearest, then, if inexact and even, one ulp towards the exact value, known from
+    TwoSum's error term), and rounding that to fp32 is the correctly rounded result (Boldo and
+    Melquiond: 53 >= 24 + 2 bits).
+    """
+    if _INTERPRETED:
+        p = a.to(tl.float64) * b.to(tl.float64)
+        c64 = c.to(tl.float64)
+        s = p + c64
+        bv = s - p
+        err = (p - (s - bv)) + (c64 - bv)
+        bits = s.to(tl.int64, bitcast=True)
+        finite = tl.abs(s) < float("inf")
+        to_odd = finite & (err != 0.0) & ((bits & 1) == 0)
+        step = tl.where((err > 0.0) == (s > 0.0), 1, -1)
+        r = tl.where(to_odd, bits + step, bits).to(tl.float64, bitcast=True).to(tl.float32)
+    else:
+        r = tl.fma(a, b, c)
+    return r
+
+
+def _pow_f64_interpreted(base, exp):
+    # The interpreter has no libdevice: C's pow, as torch's CPU kernel calls it for short inputs.
+    from triton.runtime.interpreter import TensorHandle
+
+    out = np.vectorize(math.pow, otypes=[np.float64])(base.handle.data, exp.handle.data)
+    return tl.tensor(TensorHandle(out, tl.float64), exp.type)
+
+
+if INTERPRETED:
+    pow_f64 = _pow_f64_interpreted
+else:
+    from triton.language.extra import libdevice
+
+    #: float64 ``base ** exp``: CUDA's ``pow`` (libdevice ``__nv_pow``), the function torch's CUDA
+    #: ``torch.pow`` runs, so bias corrections match the reference on the GPU bit for bit.
+    pow_f64 = libdevice.pow
+
+
+@triton.jit
+def maximum_torch(a, b):
+    """``torch.maximum``: NaN propagates (``tl.maximum`` drops it by default); else ``a > b ? a : b``."""
+    return tl.where(a != a, a, tl.where(b != b, b, tl.where(a > b, a, b)))
+
+
+@triton.jit
+def lerp_torch(start, end, w):
+    """``torch.lerp(start, end, w)`` with a scalar weight, as torch's kernels round it: one FMA,
+    ``fma(w, end - start, start)`` for ``|w| < 0.5``, else ``fma(w - 1, end - start, end)``."""
+    diff = end - start
+    small = (w < 0.5) & (w > -0.5)
+    return tl.where(small, fma_f32(w, diff, start), fma_f32(w - 1.0, diff, end))
+
+
+@triton.jit
+def addcmul_torch(v, g, w, CUDA_ROUNDING: tl.constexpr):
+    """``v.addcmul_(g, g, value=w)`` as torch rounds it on the device the tensors live on.
+
+    torch's CPU kernel computes ``fma(w * g, g, v)``; its CUDA kernel (``pointwise_op_impl``)
+    ``fma(w, g * g, v)``, or ``fma(g, g, v)`` when ``w == 1``. The two differ in about 6% of the
+    entries, so a kernel that matches the reference on one device cannot use the other's form.
+    """
+    if CUDA_ROUNDING:
+        r = tl.where(w == 1.0, fma_f32(g, g, v), fma_f32(w, g * g, v))
+    else:
+        r = fma_f32(w * g, g, v)
+    return r
 
 
 SCORE_MODE_IDS = {"grad": 0, "abs": 1, "fisher": 2}

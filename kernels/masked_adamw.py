@@ -14,6 +14,19 @@ Maths (fp32 whatever the param dtype; ``s`` the tensor's step, already increment
 for each selected flat position ``i = idx[j]`` (``j`` in the tensor's compact segment); nothing at
 all changes when ``found_inf`` is non-zero.
 
+Rounding: exactly the reference's (``fastmask.reference``, i.e. ``torch.optim.AdamW``'s order of
+operations) and ``csrc/adamw_math.h``'s, so the optimizer state equals the reference's bit for bit:
+
+* scalars that depend only on hyper-parameters (``1 - beta1``, ``beta2``, ``1 - beta2``, ``eps``)
+  are computed on the host in float64 and rounded to fp32 once; the per-tensor ones
+  (``-lr / (1 - beta1**s)``, ``sqrt(1 - beta2**s)``, ``1 - lr * weight_decay``) in float64 in the
+  kernel, from the step count (and lr) on the device, rounded to fp32 once. float64 scalars reach
+  the kernel as int64 bits (Triton passes Python floats as fp32);
+* per entry everything is fp32, with FMAs exactly where torch's kernels have them (lerp; addcmul,
+  whose rounding differs between torch's CPU and CUDA kernels: ``_utils.addcmul_torch``), every
+  other product and sum rounded on its own (the launch disables Triton's FMA contraction), IEEE
+  sqrt and division, and ``torch.maximum``'s NaN propagation for amsgrad.
+
 Grid. Without scores, programs tile the compact arrays: tensor ``t`` owns ``cdiv(k_t, BLOCK)``
 programs, each stepping ``BLOCK`` consecutive compact entries (a gather from the param/grad).
 With scores, programs tile the *dense* tensors instead: each program reads one dense block of the
@@ -35,41 +48,25 @@ bounds, but not necessarily reported.)
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from ._utils import (
     BLOCK_START, NUMEL, PTR_A, PTR_B, PTR_C, SCORE_MODE_IDS, SEG_HI, SEG_LO, TABLE_ROWS, TL_DTYPES,
-    TableCache,
-    dense_block, find_block, launch_context, lower_bound, num_warps_for, pad_tensors, statistic, to_param_dtype,
+    TableCache, addcmul_torch, as_f32, as_f64, dense_block, f32_bits, f64_bits, find_block, launch_context,
+    lerp_torch, lower_bound, maximum_torch, num_warps_for, pad_tensors, pow_f64, statistic, to_param_dtype,
 )
 
 _tables = TableCache()
 
 
 @triton.jit
-def _one_minus_pow(log_beta, s):
-    """1 - beta**s = -expm1(s * log(beta)), accurate in fp32 for beta close to 1.
-
-    ``1 - exp(x)`` cancels catastrophically for small |x| (beta2 = 0.999 at step 1 would lose
-    four digits); Kahan's ``(u - 1) * x / log(u)`` with ``u = exp(x)`` does not. Far from 0 the
-    plain form is exact enough and also handles beta = 0 (x = -inf).
-    """
-    x = s * log_beta
-    u = tl.exp(x)
-    # The clamp only keeps the unused lane finite (x < -0.5 takes the plain form).
-    kahan = tl.where(u == 1.0, -x, tl.div_rn((1.0 - u) * x, tl.log(tl.maximum(u, 0.5))))
-    return tl.where(x < -0.5, 1.0 - u, kahan)
-
-
-@triton.jit
 def _step_entries(
     j, live, idx_ptr, p_ptr, g_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, numel, err_ptr,
-    decay, neg_step_size, bc2_sqrt, beta1, beta2, eps, scale,
+    decay, neg_step_size, bc2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps, scale,
     P_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
+    CUDA_ROUNDING: tl.constexpr,
 ):
     i = tl.load(idx_ptr + j, mask=live, other=0)
     # Entries whose index is outside [0, numel) take no part: counted in err_ptr (this tensor's
@@ -86,18 +83,15 @@ def _step_entries(
     p = p_raw.to(tl.float32) * decay
     m = tl.load(exp_avg_ptr + j, mask=mask, other=0.0)
     v = tl.load(exp_avg_sq_ptr + j, mask=mask, other=0.0)
-    # torch.lerp's two-sided form, so m matches torch's rounding for any beta1.
-    w = 1.0 - beta1
-    diff = g - m
-    m = tl.where(w < 0.5, m + w * diff, g - diff * (1.0 - w))
-    v = v * beta2 + (1.0 - beta2) * (g * g)
+    m = lerp_torch(m, g, one_minus_beta1)
+    v = addcmul_torch(v * beta2, g, one_minus_beta2, CUDA_ROUNDING)
     if AMSGRAD:
-        v_max = tl.maximum(tl.load(max_exp_avg_sq_ptr + j, mask=mask, other=0.0), v)
+        v_max = maximum_torch(tl.load(max_exp_avg_sq_ptr + j, mask=mask, other=0.0), v)
         tl.store(max_exp_avg_sq_ptr + j, v_max, mask=mask)
         v_hat = v_max
     else:
         v_hat = v
-    # IEEE-rounded sqrt/div (Triton's defaults are approximate on GPUs) to stay at torch's rounding.
+    # IEEE-rounded sqrt/div (Triton's defaults are approximate on GPUs), as torch's kernels.
     denom = tl.div_rn(tl.sqrt_rn(v_hat), bc2_sqrt) + eps
     p = p + tl.div_rn(neg_step_size * m, denom)
     tl.store(exp_avg_ptr + j, m, mask=mask)
@@ -105,14 +99,15 @@ def _step_entries(
     tl.store(p_ptr + i, to_param_dtype(p, P_DTYPE), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["lr_bits", "beta1_bits", "beta2_bits", "wd_bits", "omb1_bits", "b2_bits",
+                               "omb2_bits", "eps_bits"])
 def _masked_adamw_kernel(
     table_ptr, n_tensors, idx_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, steps_ptr, err_ptr,
-    lr, lr_ptr, beta1, beta2, log_beta1, log_beta2, eps, weight_decay, grad_scale_ptr, found_inf_ptr,
-    n_iter,
+    lr_bits, lr_ptr, beta1_bits, beta2_bits, wd_bits, omb1_bits, b2_bits, omb2_bits, eps_bits,
+    grad_scale_ptr, found_inf_ptr, n_iter,
     P_DTYPE: tl.constexpr, LR_ON_DEVICE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, FUSED_SCORES: tl.constexpr, SCORE_MODE: tl.constexpr,
-    BLOCK: tl.constexpr, SBLOCK: tl.constexpr, T_PAD: tl.constexpr,
+    CUDA_ROUNDING: tl.constexpr, BLOCK: tl.constexpr, SBLOCK: tl.constexpr, T_PAD: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     t, first = find_block(table_ptr + BLOCK_START * n_tensors, n_tensors, pid, T_PAD)
@@ -133,14 +128,23 @@ def _masked_adamw_kernel(
     if HAS_SCALE:
         scale = tl.load(grad_scale_ptr).to(tl.float32)
 
+    # Per-tensor scalars in float64, rounded to fp32 once (fastmask.reference, make_tensor_scalars
+    # in csrc/adamw_math.h): -lr / (1 - beta1**s), sqrt(1 - beta2**s), 1 - lr * weight_decay.
     if LR_ON_DEVICE:
-        lr_f = tl.load(lr_ptr).to(tl.float32)
+        lr = tl.load(lr_ptr).to(tl.float64)
     else:
-        lr_f = lr
-    s = tl.load(steps_ptr + t)
-    neg_step_size = tl.div_rn(-lr_f, _one_minus_pow(log_beta1, s))
-    bc2_sqrt = tl.sqrt_rn(_one_minus_pow(log_beta2, s))
-    decay = 1.0 - lr_f * weight_decay
+        lr = as_f64(lr_bits)
+    s = tl.load(steps_ptr + t).to(tl.float64)
+    bias_correction1 = 1.0 - pow_f64(as_f64(beta1_bits), s)
+    bias_correction2 = 1.0 - pow_f64(as_f64(beta2_bits), s)
+    neg_step_size = (-lr / bias_correction1).to(tl.float32)
+    bc2_sqrt = tl.sqrt(bias_correction2).to(tl.float32)
+    decay = (1.0 - lr * as_f64(wd_bits)).to(tl.float32)
+    # Hyper-parameter scalars, rounded to fp32 on the host.
+    one_minus_beta1 = as_f32(omb1_bits)
+    beta2 = as_f32(b2_bits)
+    one_minus_beta2 = as_f32(omb2_bits)
+    eps = as_f32(eps_bits)
 
     if FUSED_SCORES:
         sc_ptr = tl.load(table_ptr + PTR_C * n_tensors + t).to(tl.pointer_type(tl.float32))
@@ -167,22 +171,19 @@ def _masked_adamw_kernel(
         for j_start in range(j0, j1, SBLOCK):
             j = j_start + tl.arange(0, SBLOCK)
             _step_entries(j, j < j1, idx_ptr, p_ptr, g_ptr, exp_avg_ptr, exp_avg_sq_ptr,
-                          max_exp_avg_sq_ptr, numel, err_ptr, decay, neg_step_size, bc2_sqrt, beta1, beta2,
-                          eps, scale, P_DTYPE, AMSGRAD, MAXIMIZE, HAS_SCALE)
+                          max_exp_avg_sq_ptr, numel, err_ptr, decay, neg_step_size, bc2_sqrt, one_minus_beta1,
+                          beta2, one_minus_beta2, eps, scale, P_DTYPE, AMSGRAD, MAXIMIZE, HAS_SCALE,
+                          CUDA_ROUNDING)
     else:
         j = seg_lo + b * BLOCK + tl.arange(0, BLOCK)
         _step_entries(j, j < seg_hi, idx_ptr, p_ptr, g_ptr, exp_avg_ptr, exp_avg_sq_ptr,
-                      max_exp_avg_sq_ptr, numel, err_ptr, decay, neg_step_size, bc2_sqrt, beta1, beta2, eps,
-                      scale, P_DTYPE, AMSGRAD, MAXIMIZE, HAS_SCALE)
+                      max_exp_avg_sq_ptr, numel, err_ptr, decay, neg_step_size, bc2_sqrt, one_minus_beta1, beta2,
+                      one_minus_beta2, eps, scale, P_DTYPE, AMSGRAD, MAXIMIZE, HAS_SCALE, CUDA_ROUNDING)
 
 
 def _lr_on_host(lr: torch.Tensor) -> bool:
     """A CPU lr is read on the host (no sync: it already lives there); a device lr in-kernel."""
     return lr.device.type == "cpu"
-
-
-def _log(beta: float) -> float:
-    return math.log(beta) if beta > 0.0 else float("-inf")
 
 
 _INDEX_ERROR_TAIL = (
@@ -239,23 +240,23 @@ def masked_adamw_step_(
     rows[SEG_LO.value] = list(offsets[:-1])
     rows[SEG_HI.value] = list(offsets[1:])
     rows[NUMEL.value] = [p.numel() for p in params]
-    table = _tables.get(rows, device)
-
     on_host = _lr_on_host(lr)
     # Out-of-range entries skipped by the kernel, per tensor (a tiny allocation; no host sync).
     err = torch.zeros(n, dtype=torch.int32, device=device)
     with launch_context(device):
+        table = _tables.get(rows, device)
         _masked_adamw_kernel[(total,)](
             table, n, idx, exp_avg, exp_avg_sq, max_exp_avg_sq, steps, err,
-            float(lr) if on_host else 0.0, None if on_host else lr.reshape(()),
-            beta1, beta2, _log(beta1), _log(beta2), eps, weight_decay, grad_scale, found_inf,
-            max(seg).bit_length() + 1,
+            f64_bits(float(lr)) if on_host else 0, None if on_host else lr.reshape(()),
+            f64_bits(beta1), f64_bits(beta2), f64_bits(weight_decay),
+            f32_bits(1.0 - beta1), f32_bits(beta2), f32_bits(1.0 - beta2), f32_bits(eps),
+            grad_scale, found_inf, max(seg).bit_length() + 1,
             P_DTYPE=TL_DTYPES[params[0].dtype], LR_ON_DEVICE=not on_host,
             AMSGRAD=max_exp_avg_sq is not None, MAXIMIZE=bool(maximize),
             HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None,
-            FUSED_SCORES=fused, SCORE_MODE=SCORE_MODE_IDS[score_mode],
+            FUSED_SCORES=fused, SCORE_MODE=SCORE_MODE_IDS[score_mode], CUDA_ROUNDING=device.type == "cuda",
             BLOCK=block, SBLOCK=max(16, block // 4), T_PAD=pad_tensors(n),
-            num_warps=num_warps_for(block),
+            num_warps=num_warps_for(block), enable_fp_fusion=False,
         )
     if device.type == "cpu":  # the interpreter: the counts are already on the host
         if bool(err.any()):

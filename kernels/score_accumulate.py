@@ -7,8 +7,10 @@ Maths (fp32 whatever the gradient dtype), per entry ``i`` of tensor ``t``::
     scores[t][i] += |g|        (mode "abs")
     scores[t][i] += g * g      (mode "fisher": empirical Fisher)
 
-with ``g = float32(grads[t][i])``. Programs tile the tensors in blocks of ``BLOCK`` entries; a
-program finds its tensor through the block-start row of the per-tensor table.
+with ``g = float32(grads[t][i])``, the sum and the square rounded on their own as the reference's
+``score.add_(g * g)`` (the launch disables Triton's FMA contraction). Programs tile the tensors in
+blocks of ``BLOCK`` entries; a program finds its tensor through the block-start row of the
+per-tensor table.
 """
 from __future__ import annotations
 
@@ -60,10 +62,10 @@ def score_accumulate_(scores, grads, score_mode) -> None:
         rows[PTR_A.value] = [scores[t].data_ptr() for t in members]
         rows[PTR_B.value] = [grads[t].data_ptr() for t in members]
         rows[NUMEL.value] = [grads[t].numel() for t in members]
-        table = _tables.get(rows, device)
         with launch_context(device):
+            table = _tables.get(rows, device)
             _score_accumulate_kernel[(total,)](
                 table, len(members),
                 G_DTYPE=TL_DTYPES[dtype], SCORE_MODE=SCORE_MODE_IDS[score_mode], BLOCK=block,
-                T_PAD=pad_tensors(len(members)), num_warps=num_warps_for(block),
+                T_PAD=pad_tensors(len(members)), num_warps=num_warps_for(block), enable_fp_fusion=False,
             )

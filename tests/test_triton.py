@@ -1,9 +1,11 @@
 """The Triton backend against the reference backend.
 
 Every case runs the same problem (cloned) through ``backends.use("reference")`` and
-``backends.use("triton")`` and compares: params within ``STEP_TOL`` of their dtype, fp32 state
-and scores within the fp32 bound, unselected entries bit-exact. Without a GPU the kernels run in
-Triton's interpreter on CPU tensors (conftest sets ``TRITON_INTERPRET=1``), so sizes stay small.
+``backends.use("triton")`` and compares: optimizer state and scores bit for bit, params within
+``STEP_TOL`` of their dtype and within one rounding of the reference's step (torch's CPU ``sqrt``
+is not correctly rounded; the kernels' is), unselected entries bit-exact. Without a GPU the
+kernels run in Triton's interpreter on CPU tensors (conftest sets ``TRITON_INTERPRET=1``), so sizes
+stay small.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import pytest
 import torch
 
 try:
-    import triton  # noqa: F401
+    import triton
+    import triton.language as tl
 except Exception as exc:  # pragma: no cover - depends on the environment
     pytest.skip(f"triton cannot be imported ({type(exc).__name__}: {exc}); the Triton backend is untestable here",
                 allow_module_level=True)
@@ -28,8 +31,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _reason = backends.why_not("triton", DEVICE)
 if _reason is not None:  # pragma: no cover
     pytest.skip(f"triton backend cannot run on {DEVICE}: {_reason}", allow_module_level=True)
+backends.load("triton")
+from fastmask.kernels import _utils as _kutils  # noqa: E402
 
-FP32_TOL = tol(torch.float32)
 DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 DTYPES = [pytest.param(d, id=i) for d, i in DTYPE_IDS.items()]
 SHAPES = {
@@ -86,24 +90,51 @@ def _unselected(problem, t):
     return keep
 
 
+def _assert_equal(actual, expected, what):
+    """Bit for bit (NaN where the other has NaN): the optimizer state and scores."""
+    a, e = actual.detach().cpu(), expected.detach().cpu()
+    nan = a.isnan()
+    same = torch.equal(nan, e.isnan()) and torch.equal(a[~nan], e[~nan])
+    if not same:
+        bad = ((a != e) & ~(nan & e.isnan())).reshape(-1).nonzero().squeeze(1)
+        rows = "\n".join(f"  [{i}] actual={a.reshape(-1)[i].item()!r} expected={e.reshape(-1)[i].item()!r}"
+                         for i in bad[:10].tolist())
+        raise AssertionError(f"{what}: {bad.numel()} of {a.numel()} entries differ from the reference\n{rows}")
+
+
+def _assert_rounding_close(actual, expected, before, what):
+    """One step differs from the reference's by rounding only: the update may be an fp32 ulp off
+    (torch's CPU sqrt) and the result one rounding to its dtype. A bound in ulps of the parameter
+    would be wrong where ``p * decay`` and the update cancel."""
+    a, b, p0 = (x.detach().cpu().float().reshape(-1) for x in (actual, expected, before))
+    nan = a.isnan()
+    assert torch.equal(nan, b.isnan()), f"{what}: NaN at other entries than the reference's"
+    bound = torch.finfo(actual.dtype).eps * b.abs() + 2 * torch.finfo(torch.float32).eps * (p0.abs() + (b - p0).abs())
+    bad = ((a - b).abs() > bound) & ~nan
+    assert not bool(bad.any()), f"{what}: {int(bad.sum())} entries beyond rounding of the reference's step"
+
+
 def _compare(before, ref, out, dtype, *, amsgrad=False, ref_scores=(), out_scores=()):
     for t, (p0, pr, po) in enumerate(zip(before.params, ref.params, out.params)):
-        assert_close(po.cpu(), pr.cpu(), **tol(dtype), what=f"params[{t}] {tuple(p0.shape)}")
+        _assert_rounding_close(po, pr, p0, f"params[{t}] {tuple(p0.shape)}")  # NaN where the reference's
+        finite = ~pr.cpu().isnan()
+        assert_close(po.cpu()[finite], pr.cpu()[finite], **tol(dtype), what=f"params[{t}] {tuple(p0.shape)}")
         keep = _unselected(before, t)
         # unselected entries: not a single bit may change
         assert torch.equal(po.cpu().reshape(-1)[keep].view(torch.uint8 if dtype == torch.float32 else dtype),
                            p0.reshape(-1)[keep].view(torch.uint8 if dtype == torch.float32 else dtype)), \
             f"params[{t}]: an unselected entry changed"
     for t, (g0, go) in enumerate(zip(before.grads, out.grads)):
-        assert torch.equal(go.cpu(), g0), f"grads[{t}] was written"
-    assert_close(out.exp_avg.cpu(), ref.exp_avg.cpu(), **FP32_TOL, what="exp_avg")
-    assert_close(out.exp_avg_sq.cpu(), ref.exp_avg_sq.cpu(), **FP32_TOL, what="exp_avg_sq")
+        assert torch.equal(_bits(go), _bits(g0)), f"grads[{t}] was written"
+    _assert_equal(out.exp_avg, ref.exp_avg, "exp_avg")
+    _assert_equal(out.exp_avg_sq, ref.exp_avg_sq, "exp_avg_sq")
     if amsgrad:
-        assert_close(out.max_exp_avg_sq.cpu(), ref.max_exp_avg_sq.cpu(), **FP32_TOL, what="max_exp_avg_sq")
+        _assert_equal(out.max_exp_avg_sq, ref.max_exp_avg_sq, "max_exp_avg_sq")
     else:
-        assert torch.equal(out.max_exp_avg_sq.cpu(), before.max_exp_avg_sq), "max_exp_avg_sq written without amsgrad"
+        assert torch.equal(out.max_exp_avg_sq.cpu(), before.max_exp_avg_sq.cpu()), \
+            "max_exp_avg_sq written without amsgrad"
     for t, (sr, so) in enumerate(zip(ref_scores, out_scores)):
-        assert_close(so.cpu(), sr.cpu(), **FP32_TOL, what=f"scores[{t}]")
+        _assert_equal(so, sr, f"scores[{t}]")
 
 
 def _both(problem, dtype, **kw):
@@ -244,6 +275,127 @@ def test_step_nothing_selected_no_scores_is_a_no_op():
 
 
 # ---------------------------------------------------------------------------------------------
+# exactness: the reference's roundings, step after step, for any betas
+# ---------------------------------------------------------------------------------------------
+BETAS = [pytest.param(b, id=f"betas-{b[0]}-{b[1]}") for b in
+         [(0.9, 0.999), (0.95, 0.9999), (0.0, 0.5), (0.999, 0.99999)]]
+TRAJECTORY_STEPS = 20
+
+
+def _ext_or_none():
+    reason = backends.why_not("ext", DEVICE)
+    return None if reason is not None else "ext"
+
+
+def _trajectory_problem(dtype, seed):
+    # a tensor of several programs, odd sizes, grads that change sign and scale over the steps
+    return _on_device(make_problem([(37, 129), (7,), (5000,), (1,)], dtype=dtype, density=0.3, seed=seed, step=0))
+
+
+_ALL = dict(amsgrad=True, maximize=True, grad_scale=2.0, fused="fisher")
+
+
+@pytest.mark.parametrize("dtype,opts", [
+    pytest.param(torch.float32, dict(), id="fp32-adamw"),
+    pytest.param(torch.float32, _ALL, id="fp32-amsgrad-max-scale-scores"),
+    pytest.param(torch.bfloat16, _ALL, id="bf16-amsgrad-max-scale-scores"),
+])
+@pytest.mark.parametrize("betas", BETAS)
+def test_trajectory_bit_identical_state(betas, dtype, opts):
+    """Betas close to 1 (where ``1 - beta2`` or a bias correction computed in fp32 is off by
+    1e-4 relative), many steps: at every step the state and scores equal the reference's bit for
+    bit and the params are within one rounding of the reference's step, starting each step from the
+    Triton run's own state. Where the compiled extension is available on the device (IEEE sqrt, the
+    same FMAs), the params equal its params bit for bit as well."""
+    q = _trajectory_problem(dtype, seed=91)
+    gen = torch.Generator().manual_seed(93)
+    lr = torch.tensor(1e-3, dtype=torch.float64)  # 1e-3 is not an fp32 value: lr must stay float64
+    scores = _random_scores([p.shape for p in q.params], seed=95) if opts.get("fused") else []
+    twin = _ext_or_none()
+    for step in range(TRAJECTORY_STEPS):
+        q.steps += 1
+        for g in q.grads:  # new gradients each step, of varying scale (some steps tiny, some large)
+            g.copy_((torch.randn(g.shape, generator=gen) * 10.0 ** float(torch.randint(-4, 3, (), generator=gen)))
+                    .to(device=DEVICE, dtype=dtype))
+        kw = dict(lr=lr, betas=betas, weight_decay=0.1, amsgrad=opts.get("amsgrad", False),
+                  maximize=opts.get("maximize", False), scores=scores, score_mode=opts.get("fused", "grad"),
+                  grad_scale=torch.tensor(opts["grad_scale"], device=DEVICE) if "grad_scale" in opts else None)
+        ref, ref_scores = _run("reference", q, **kw)
+        out, out_scores = _run("triton", q, **kw)
+        try:
+            _compare(q, ref, out, dtype, amsgrad=kw["amsgrad"], ref_scores=ref_scores, out_scores=out_scores)
+            if twin:
+                ext, ext_scores = _run(twin, q, **kw)
+                for t, (a, b) in enumerate(zip(out.params, ext.params)):
+                    assert torch.equal(a, b), f"params[{t}] differ from the compiled extension's"
+                for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                    assert torch.equal(getattr(out, name), getattr(ext, name)), f"{name} differs from the extension's"
+        except AssertionError as exc:
+            raise AssertionError(f"step {step + 1}: {exc}") from None
+        q, scores = out, out_scores
+
+
+@pytest.mark.parametrize("fused", [pytest.param(False, id="step-only"), pytest.param(True, id="fused-scores")])
+def test_nan_and_inf_propagate_like_torch(fused):
+    """NaN in max_exp_avg_sq (amsgrad's torch.maximum keeps it), NaN and inf in gradients and
+    state: the same entries become NaN/inf as in the reference, the others are unaffected."""
+    problem = make_problem([(37, 129), (7,)], density=0.5, seed=97)
+    k0 = problem.offsets[1]
+    sel0 = problem.idx[:k0].long()
+    problem.max_exp_avg_sq[:5] = float("nan")
+    problem.exp_avg_sq[5:8] = float("nan")
+    problem.exp_avg[8:10] = float("inf")
+    problem.grads[0].view(-1)[sel0[10:13]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    problem.grads[1].view(-1)[0] = float("nan")  # unselected or not: scores see it either way
+    scores = _random_scores([(37, 129), (7,)], seed=99) if fused else None
+    _both(problem, torch.float32, amsgrad=True, scores=scores, score_mode="fisher")
+
+
+def test_launches_disable_fp_contraction(monkeypatch):
+    """Both kernels are launched with ``enable_fp_fusion=False``: Triton would otherwise contract
+    ``p * decay + update`` and ``score + g * g`` into FMAs that torch does not use."""
+    seen = []
+    for name, attr in (("fastmask.kernels.masked_adamw", "_masked_adamw_kernel"),
+                       ("fastmask.kernels.score_accumulate", "_score_accumulate_kernel")):
+        backends.load("triton")
+        mod = sys.modules[name]
+        kernel = getattr(mod, attr)
+
+        class Recording:
+            def __getitem__(self, grid, kernel=kernel, attr=attr):
+                def launch(*args, **kwargs):
+                    seen.append((attr, kwargs.get("enable_fp_fusion")))
+                    return kernel[grid](*args, **kwargs)
+                return launch
+
+        monkeypatch.setattr(mod, attr, Recording())
+    problem = make_problem(SHAPES["mixed"], density=0.2, seed=101)
+    _run("triton", problem, scores=_random_scores(SHAPES["mixed"]), score_mode="fisher")
+    g = [torch.randn(5, 3, device=DEVICE)]
+    with backends.use("triton"):
+        fastmask.ops.score_accumulate_([torch.zeros(5, 3, device=DEVICE)], g, "fisher")
+    assert seen == [("_masked_adamw_kernel", False), ("_score_accumulate_kernel", False)], seen
+
+
+@triton.jit
+def _echo_f64(out_ptr, bits, n: tl.constexpr):
+    tl.store(out_ptr + n, _kutils.as_f64(bits))
+
+
+def test_float64_scalars_reach_the_kernel_exactly():
+    """Scalars travel as their IEEE bits (Triton would pass a Python float as fp32)."""
+    values = [0.0, -0.0, 1e-3, 0.9999, 1 - 2**-40, 5e-324, 1e300, -2.5, float("inf")]
+    out = torch.zeros(len(values), dtype=torch.float64, device=DEVICE)
+    for n, v in enumerate(values):
+        with _kutils.launch_context(out.device):
+            _echo_f64[(1,)](out, _kutils.f64_bits(v), n)
+    got = out.cpu().tolist()
+    assert [x.hex() for x in got] == [float(v).hex() for v in values], got
+    expected = torch.tensor(1 - 0.9999, dtype=torch.float64).float().view(torch.int32).item()
+    assert _kutils.f32_bits(1 - 0.9999) == expected
+
+
+# ---------------------------------------------------------------------------------------------
 # score_accumulate_
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", MODES)
@@ -260,7 +412,7 @@ def test_score_accumulate(dtype, mode):
             fastmask.ops.score_accumulate_(scores, grads, mode)
         results[backend] = scores
     for t, (r, o) in enumerate(zip(results["reference"], results["triton"])):
-        assert_close(o.cpu(), r.cpu(), **FP32_TOL, what=f"scores[{t}]")
+        _assert_equal(o, r, f"scores[{t}]")
         if r.numel():
             assert not torch.equal(o, start[t]), f"scores[{t}] unchanged"
 
@@ -278,7 +430,7 @@ def test_score_accumulate_mixed_dtypes():
     with backends.use("triton"):
         fastmask.ops.score_accumulate_(out, grads, "fisher")
     for t, (r, o) in enumerate(zip(ref, out)):
-        assert_close(o.cpu(), r.cpu(), **FP32_TOL, what=f"scores[{t}]")
+        _assert_equal(o, r, f"scores[{t}]")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,13 +477,12 @@ def test_masked_adamw_50_steps(dtype, variant):
         assert not torch.equal(o.detach().cpu(), p0.cpu()), f"param {t} never changed"
     for rp, op in zip(ref_params, out_params):
         rs, os_ = ref_opt.state[rp], out_opt.state[op]
-        assert_close(os_["exp_avg"].cpu(), rs["exp_avg"].cpu(), **FP32_TOL, what="exp_avg")
-        assert_close(os_["exp_avg_sq"].cpu(), rs["exp_avg_sq"].cpu(), **FP32_TOL, what="exp_avg_sq")
+        _assert_equal(os_["exp_avg"], rs["exp_avg"], "exp_avg")
+        _assert_equal(os_["exp_avg_sq"], rs["exp_avg_sq"], "exp_avg_sq")
         assert torch.equal(os_["step"].cpu(), rs["step"].cpu())
     if variant.get("track_scores"):
         for rp, op in zip(ref_params, out_params):
-            assert_close(out_opt.state[op]["scores"].cpu(), ref_opt.state[rp]["scores"].cpu(), **FP32_TOL,
-                         what="tracked scores")
+            _assert_equal(out_opt.state[op]["scores"], ref_opt.state[rp]["scores"], "tracked scores")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -522,7 +673,7 @@ def test_why_not_cpu_without_interpreter(monkeypatch):
 # scalars, scoping of constexpr branches, int -> pointer casts). Compiling for a real GPU target
 # needs no GPU, only Triton's bundled ptxas, so do it in a fresh process without the interpreter.
 _COMPILE_SCRIPT = r"""
-import os, sys
+import os, re, sys
 os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, sys.argv[1])
 import triton, triton.language as tl
@@ -535,28 +686,50 @@ sa = sys.modules["fastmask.kernels.score_accumulate"]
 
 def build(fn, sig, consts):
     signature = {name: sig.get(name, "constexpr") for name in fn.arg_names}
+    # the launch options of the backend (kernels/*.py): no FMA contraction
     return triton.compile(ASTSource(fn, signature, consts), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": 4})
+                          options={"num_warps": 4, "enable_fp_fusion": False})
+
+def entry(ptx):
+    # the kernel's own body (libdevice's pow is a separate .func, with its own approximations)
+    lines = ptx.splitlines()
+    first = next(i for i, l in enumerate(lines) if ".entry" in l)
+    last = next(i for i in range(first, len(lines)) if lines[i] == "}")
+    return "\n".join(lines[first:last])
+
+def check_fp32(body, what):
+    for bad in ("div.full", "div.approx", "sqrt.approx", "rcp.approx", "ex2.approx", "lg2.approx"):
+        assert bad not in body, f"{what}: approximate {bad}"
+    # fp32 products and sums Triton may contract are emitted without .rn; ptxas fuses those
+    loose = re.findall(r"\b(?:mul|add|sub)\.f32\b", body)
+    assert not loose, f"{what}: contractible fp32 arithmetic {loose[:3]}"
 
 ptrs = ("max_exp_avg_sq_ptr", "lr_ptr", "grad_scale_ptr", "found_inf_ptr")
-for pd, everything, fused, mode in [(tl.float32, False, False, 0), (tl.bfloat16, True, True, 2),
-                                    (tl.float16, True, False, 0), (tl.float32, True, True, 1)]:
+for pd, everything, fused, mode, cuda_rounding in [(tl.float32, False, False, 0, True), (tl.bfloat16, True, True, 2, True),
+                                                   (tl.float16, True, False, 0, False), (tl.float32, True, True, 1, True)]:
     sig = dict(table_ptr="*i64", n_tensors="i32", idx_ptr="*i32", exp_avg_ptr="*fp32",
-               exp_avg_sq_ptr="*fp32", steps_ptr="*fp32", err_ptr="*i32", lr="fp32", beta1="fp32", beta2="fp32",
-               log_beta1="fp32", log_beta2="fp32", eps="fp32", weight_decay="fp32", n_iter="i32")
+               exp_avg_sq_ptr="*fp32", steps_ptr="*fp32", err_ptr="*i32", lr_bits="i64", beta1_bits="i64",
+               beta2_bits="i64", wd_bits="i64", omb1_bits="i32", b2_bits="i32", omb2_bits="i32", eps_bits="i32",
+               n_iter="i32")
     consts = dict(P_DTYPE=pd, LR_ON_DEVICE=everything, AMSGRAD=everything, MAXIMIZE=everything,
                   HAS_SCALE=everything, HAS_INF=everything, FUSED_SCORES=fused, SCORE_MODE=mode,
-                  BLOCK=1024, SBLOCK=256, T_PAD=32)
+                  CUDA_ROUNDING=cuda_rounding, BLOCK=1024, SBLOCK=256, T_PAD=32)
     for p in ptrs:
         if everything:
             sig[p] = "*fp64" if p == "lr_ptr" else "*fp32"
         else:
             consts[p] = None
     ptx = build(ma._masked_adamw_kernel, sig, consts).asm["ptx"]
-    assert "div.full" not in ptx and "sqrt.approx" not in ptx, "approximate div/sqrt in the step"
+    body = entry(ptx)
+    check_fp32(body, f"step {pd} fused={fused}")
+    assert "fma.rn.f32" in body, "the explicit FMAs (lerp, addcmul) are missing"
+    # float64 per-tensor scalars: IEEE division and sqrt, CUDA's pow (as torch.pow on a GPU)
+    assert "div.rn.f64" in body and "sqrt.rn.f64" in body and "__internal_accurate_pow" in ptx, "fp64 scalars"
 for gd in (tl.float32, tl.bfloat16, tl.float64):
-    build(sa._score_accumulate_kernel, dict(table_ptr="*i64", n_tensors="i32"),
-          dict(G_DTYPE=gd, SCORE_MODE=2, BLOCK=1024, T_PAD=16))
+    ptx = build(sa._score_accumulate_kernel, dict(table_ptr="*i64", n_tensors="i32"),
+                dict(G_DTYPE=gd, SCORE_MODE=2, BLOCK=1024, T_PAD=16)).asm["ptx"]
+    check_fp32(entry(ptx), f"score {gd}")
+    assert "fma" not in entry(ptx), "score + g * g must round twice, as the reference's score.add_(g * g)"
 print("compiled")
 """
 
