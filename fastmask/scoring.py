@@ -87,6 +87,8 @@ def score(
     until_nonzero: float | None = None,
     max_extra_batches: int | None = None,
     progress: bool = True,
+    process_group: Any = None,
+    all_reduce: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Accumulate per-entry gradient scores of the target parameters over ``batches``.
 
@@ -116,10 +118,28 @@ def score(
         max_extra_batches: at most this many batches beyond ``max_batches`` (default: no limit
             but the end of ``batches``).
         progress: show a tqdm progress bar.
+        process_group: under an initialized ``torch.distributed`` group (default: the default
+            group), each rank scores its own ``batches`` and the accumulated statistics are summed
+            across ranks *before* the magnitude is taken (signed sums for ``"grad"``), so every rank
+            returns identical scores and :func:`fastmask.select` picks identical masks everywhere:
+            the result equals scoring the union of all ranks' batches on one process, up to
+            summation order (:func:`fastmask.distributed.all_reduce_scores`). A
+            ``DistributedDataParallel`` model is scored through its ``.module`` (no gradient
+            all-reduce during scoring; ``loss_fn`` gets the module and the score names are the
+            module's). With ``until_nonzero``, every rank scores the same number of batches: extra
+            batches go on while any rank still has an entry below the threshold in its own sums
+            and every rank still has a batch. With ``accumulate="running-sum"``, each rank's
+            running sums start at its own first batch.
+        all_reduce: ``False`` keeps each rank's own scores (no collective).
 
     Returns:
         ``{name: fp32 score tensor of the parameter's shape, on its device}``.
     """
+    from .distributed import all_reduce_scores, resolve_group
+
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module  # its reducer would all-reduce every gradient and expect a step
+    group = resolve_group(process_group) if all_reduce else None
     if mode not in SCORE_MODES:
         raise ValueError(f"mode: expected one of {SCORE_MODES}, got {mode!r}")
     if accumulate not in ACCUMULATE_MODES:
@@ -180,19 +200,28 @@ def score(
             bar = tqdm(total=total, desc=f"fastmask.score ({mode}{', running sums' if running else ''})",
                        unit="batch")
         while True:
-            if max_batches is not None and n_batches >= max_batches:
+            extra = max_batches is not None and n_batches >= max_batches
+            if extra:
                 if until_nonzero is None:
                     break
-                below = _count_below(scores, until_nonzero)
-                if below == 0 or (max_extra_batches is not None and n_batches - max_batches >= max_extra_batches):
+                want = _count_below(scores, until_nonzero) > 0 and not (
+                    max_extra_batches is not None and n_batches - max_batches >= max_extra_batches)
+                batch = next(iterator, _END) if want else _END
+                if group is not None:
+                    # every rank takes the same decision: go on while any rank wants to and all can
+                    want = _any_rank(want, group)
+                    have = not _any_rank(batch is _END, group)
+                    if want and not have:
+                        break
+                if not want or batch is _END:
                     break
                 if bar is not None:
                     bar.total = n_batches + 1
                     bar.refresh()
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                break
+            else:
+                batch = next(iterator, _END)
+                if batch is _END:
+                    break
             loss = loss_fn(model, batch)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise TypeError("loss_fn must return a scalar loss tensor")
@@ -215,7 +244,12 @@ def score(
         for n, p in named.items():
             p.grad = saved_grads[n]
 
-    if n_batches == 0:
+    if group is not None:
+        # A rank without batches still takes part (its sums are zero): the union is what counts.
+        if not _any_rank(n_batches > 0, group):
+            raise ValueError("batches yielded no batch to score on, on any rank")
+        all_reduce_scores(scores, mode, group)  # signed sums: the magnitude is taken below
+    elif n_batches == 0:
         raise ValueError("batches yielded no batch to score on")
     if until_nonzero is not None and n_batches >= max_batches:
         below = _count_below(scores, until_nonzero)
@@ -236,6 +270,20 @@ def score(
         for s in scores.values():
             s.abs_()
     return scores
+
+
+_END = object()  # marks an exhausted iterator
+
+
+def _any_rank(flag: bool, group: Any) -> bool:
+    """True on every rank when ``flag`` is True on any rank of ``group`` (one tiny all-reduce)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    if dist.get_backend(group) == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
 
 
 def _count_below(scores: Mapping[str, torch.Tensor], threshold: float) -> int:

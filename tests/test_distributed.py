@@ -254,7 +254,8 @@ def _scores_on_ranks(rank, world):
         if mode == "grad":
             scores = signed_scores(model, batches, MASKED, mode)
         else:  # fastmask.score returns plain sums for these modes
-            scores = fastmask.score(model, batches, mse, targets=list(MASKED), mode=mode, progress=False)
+            scores = fastmask.score(model, batches, mse, targets=list(MASKED), mode=mode, progress=False,
+                                    all_reduce=False)
         all_reduce_scores(scores, mode)
         final = {n: s.abs() if mode == "grad" else s for n, s in scores.items()}
         masks = fastmask.select(final, density=0.1)
@@ -290,6 +291,55 @@ def test_score_reduction_matches_one_process(ranks):
     for r in range(WORLD):
         msg = res[r]["mismatch"]
         assert "score tensor 1" in msg and "'2.weight'" in msg and "'x'" in msg and "rank 0" in msg, msg
+
+
+def _score_api_on_ranks(rank, world):
+    """fastmask.score itself under the process group: on a DDP-wrapped model, with uneven shards,
+    with the original code's stop rule, and on a rank without batches."""
+    model = mlp()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    everything = [batch(s, 8) for s in range(SCORE_BATCHES)]
+    out = {}
+    for mode in ("grad", "abs", "fisher"):
+        out[mode] = fastmask.score(ddp, everything[rank::world], mse, targets=list(MASKED), mode=mode,
+                                   progress=False)
+    # uneven shards and the original code's stop rule: rank 1 has fewer batches, no hang
+    mine = everything[:4] if rank == 0 else everything[4:5]
+    out["until"] = fastmask.score(model, mine, mse, targets=list(MASKED), max_batches=1, until_nonzero=1e3,
+                                  progress=False)
+    # a rank without a batch takes part with zeros
+    out["empty"] = fastmask.score(model, everything[:3] if rank == 0 else [], mse, targets=list(MASKED),
+                                  progress=False)
+    try:
+        fastmask.score(model, [], mse, targets=list(MASKED), progress=False)
+        out["none"] = None
+    except ValueError as exc:
+        out["none"] = str(exc)
+    out["local"] = fastmask.score(model, everything[rank::world], mse, targets=list(MASKED), progress=False,
+                                  all_reduce=False)
+    return out
+
+
+def test_score_api_reduces_across_ranks(ranks):
+    res = ranks.run(_score_api_on_ranks)
+    model = mlp()
+    everything = [batch(s, 8) for s in range(SCORE_BATCHES)]
+    for mode in ("grad", "abs", "fisher"):
+        want = fastmask.score(model, everything, mse, targets=list(MASKED), mode=mode, progress=False)
+        for n in MASKED:
+            assert torch.equal(res[0][mode][n], res[1][mode][n]), f"{mode} {n}: ranks differ"
+            assert_close(res[0][mode][n], want[n], rtol=1e-5, atol=1e-7, what=f"{mode} {n} vs one process")
+    # the stop rule with a threshold every entry stays below: extra batches go on only while every
+    # rank has one; rank 1 has a single batch, so both stop after max_batches=1 (and nobody hangs)
+    for n in MASKED:
+        assert torch.equal(res[0]["until"][n], res[1]["until"][n])
+    want = fastmask.score(model, everything[:1] + everything[4:5], mse, targets=list(MASKED), progress=False)
+    for n in MASKED:
+        assert_close(res[0]["until"][n], want[n], rtol=1e-5, atol=1e-7, what=f"until_nonzero {n}")
+        want_empty = fastmask.score(model, everything[:3], mse, targets=list(MASKED), progress=False)[n]
+        assert_close(res[1]["empty"][n], want_empty, rtol=1e-6, atol=1e-8, what=f"empty rank {n}")
+    assert res[0]["none"] and "any rank" in res[0]["none"] and res[1]["none"] == res[0]["none"]
+    assert not torch.equal(res[0]["local"]["0.weight"], res[1]["local"]["0.weight"])  # all_reduce=False
 
 
 # ------------------------------------------------------------------------------------------------
