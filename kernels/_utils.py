@@ -58,35 +58,122 @@ def pad_tensors(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+class _Table:
+    """One device table: its pinned host copy, the event recorded after the host-to-device copy
+    on the stream that made it, and the streams that have been ordered after that copy."""
+
+    __slots__ = ("host", "table", "event", "origin", "streams", "done")
+
+    def __init__(self, host, table, event, origin):
+        self.host, self.table, self.event, self.origin = host, table, event, origin
+        self.streams = {origin}  # streams whose later work is ordered after the copy
+        self.done = False  # the copy is known to have completed (seen by an eager Event.query())
+
+    def use_on(self, stream) -> None:
+        """Make ``stream``'s next kernel safe to read the table (eager mode; never syncs the host)."""
+        if not self.done and self.event.query():  # cudaEventQuery: does not wait
+            self.done = True
+        key = _stream_key(stream)
+        if key in self.streams:
+            return
+        if not self.done:
+            stream.wait_event(self.event)  # device-side ordering after the copy
+        # The table was allocated on `origin`: without this its memory could be handed to new
+        # work on `origin` when the cache drops it while a kernel on `stream` still reads it.
+        self.table.record_stream(stream)
+        self.streams.add(key)
+
+
+def _stream_key(stream) -> tuple:
+    return (stream.device_index, stream.stream_id)
+
+
+def _capturing(device: torch.device) -> bool:
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
 class TableCache:
     """Device copies of per-call tables, keyed by their full contents.
 
     An optimizer passes the same tensors every step, so the table (data pointers, offsets,
     sizes) repeats: caching it avoids a host-to-device copy per step. The key is the table's
     contents, so a hit can never give a stale table, even if memory was reused.
+
+    Streams and CUDA graphs (nothing here waits on the host):
+
+    * eager: a new table is copied (pinned memory, non-blocking) on the current stream and an event
+      is recorded after the copy. A launch on any other stream first makes that stream wait for the
+      event (``Stream.wait_event``, once per stream, and only until the copy is seen complete) and
+      records the stream on the table's memory (``record_stream``), so the caching allocator does
+      not reuse it under a running kernel when the cache evicts it (LRU, ``size`` entries);
+    * under CUDA graph capture a launch embeds the table's address, and a graph can be replayed at
+      any later time: a table whose copy is known complete (seen by an eager call) is used and
+      pinned for the life of the process (never evicted); otherwise a new table is copied inside
+      the capture (the copy becomes a node of the graph, ordered before the kernel) and kept, with
+      its pinned host buffer, for the life of the process. A table made during a capture is never
+      handed to eager calls (its contents exist only once the graph has run). Each capture that
+      needs its own table keeps a few hundred bytes (and the graph pool's segment holding them)
+      alive: captures are few, tables tiny.
+
+    On the CPU (Triton's interpreter) a plain content-keyed LRU.
     """
 
     def __init__(self, size: int = 64) -> None:
         self._size = size
-        self._entries: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._entries: OrderedDict[tuple, _Table | torch.Tensor] = OrderedDict()
+        self._pinned: dict[tuple, _Table] = {}  # used by a captured graph: never evicted
+        self._captured: list[tuple[torch.Tensor, torch.Tensor]] = []  # made during captures
 
     def get(self, rows: list[list[int]], device: torch.device) -> torch.Tensor:
         key = (device, tuple(tuple(r) for r in rows))
-        hit = self._entries.get(key)
-        if hit is not None:
+        if device.type != "cuda":
+            hit = self._entries.get(key)
+            if hit is None:
+                hit = self._entries[key] = torch.tensor(rows, dtype=torch.int64, device=device)
+                self._evict()
+            else:
+                self._entries.move_to_end(key)
+            return hit
+
+        entry = self._pinned.get(key) or self._entries.get(key)
+        if _capturing(device):
+            if entry is not None and entry.done:
+                self._entries.pop(key, None)
+                self._pinned[key] = entry
+                return entry.table
+            return self._copy_in_capture(rows, device)
+        stream = torch.cuda.current_stream(device)
+        if entry is None:
+            entry = self._new(rows, device, stream)
+            self._entries[key] = entry
+            self._evict()
+        elif key in self._entries:
             self._entries.move_to_end(key)
-            return hit[1]
-        host = torch.tensor(rows, dtype=torch.int64)
-        if device.type == "cuda":
-            # Pinned + non_blocking: the copy is queued on the stream, the host never waits; the
-            # pinned buffer stays alive in the cache for as long as the copy may be running.
-            host = host.pin_memory()
-            table = host.to(device, non_blocking=True)
-        else:
-            table = host.to(device)
-        self._entries[key] = (host, table)
-        if len(self._entries) > self._size:
+        entry.use_on(stream)
+        return entry.table
+
+    def _evict(self) -> None:
+        while len(self._entries) > self._size:
             self._entries.popitem(last=False)
+
+    @staticmethod
+    def _new(rows, device, stream) -> _Table:
+        # Pinned + non_blocking: the copy is queued on the stream, the host never waits; the pinned
+        # buffer stays alive with the entry (torch's pinned allocator also waits for the copy
+        # before reusing it).
+        host = torch.tensor(rows, dtype=torch.int64).pin_memory()
+        with torch.cuda.device(device):
+            table = host.to(device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+        return _Table(host, table, event, _stream_key(stream))
+
+    def _copy_in_capture(self, rows, device) -> torch.Tensor:
+        host = torch.tensor(rows, dtype=torch.int64).pin_memory()
+        with torch.cuda.device(device):
+            table = host.to(device, non_blocking=True)  # captured: replayed before the kernel
+        self._captured.append((host, table))
         return table
 
 

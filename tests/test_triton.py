@@ -5,11 +5,13 @@ Every case runs the same problem (cloned) through ``backends.use("reference")`` 
 ``STEP_TOL`` of their dtype and within one rounding of the reference's step (torch's CPU ``sqrt``
 is not correctly rounded; the kernels' is), unselected entries bit-exact. Without a GPU the
 kernels run in Triton's interpreter on CPU tensors (conftest sets ``TRITON_INTERPRET=1``), so sizes
-stay small.
+stay small; the cases marked ``gpu_only`` (CUDA graphs, streams, host syncs, 2^31-entry tensors)
+run where a GPU is.
 """
 from __future__ import annotations
 
 import copy
+import os
 import sys
 
 import pytest
@@ -647,6 +649,291 @@ def test_why_not_call():
         assert mod.why_not_call(dtype, True) is None
     assert "torch.float64" in mod.why_not_call(torch.float64, True)
     assert "contiguous" in mod.why_not_call(torch.float32, False)
+
+
+# ---------------------------------------------------------------------------------------------
+# streams and CUDA graphs: the device table cache (kernels/_utils.py TableCache)
+# ---------------------------------------------------------------------------------------------
+def test_table_cache_orders_streams_and_keeps_graph_tables(monkeypatch):
+    """The cache's bookkeeping, with fake streams/events (no GPU needed): a table copied on one
+    stream is used on another only after that stream waits for the copy, and the stream is
+    recorded on the table's memory; a capture reuses only a table whose copy is known complete
+    (and pins it: eviction never frees it), otherwise copies one inside the capture, which is
+    kept and never handed to eager calls."""
+    from fastmask.kernels import _utils
+
+    class FakeEvent:
+        complete = False
+
+        def query(self):
+            return self.complete
+
+    class FakeTable:
+        def __init__(self):
+            self.recorded = []
+
+        def record_stream(self, stream):
+            self.recorded.append(stream.stream_id)
+
+    class FakeStream:
+        def __init__(self, sid):
+            self.stream_id, self.device_index, self.waits = sid, 0, []
+
+        def wait_event(self, event):
+            self.waits.append(event)
+
+    made, captured = [], []
+
+    def new(rows, device, stream):
+        made.append(_utils._Table(None, FakeTable(), FakeEvent(), _utils._stream_key(stream)))
+        return made[-1]
+
+    def copy_in_capture(self, rows, device):
+        table = FakeTable()
+        captured.append(table)
+        self._captured.append((None, table))
+        return table
+
+    state = {"stream": FakeStream(1), "capturing": False}
+    monkeypatch.setattr(_utils, "_capturing", lambda device: state["capturing"])
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: state["stream"])
+    monkeypatch.setattr(_utils.TableCache, "_new", staticmethod(new))
+    monkeypatch.setattr(_utils.TableCache, "_copy_in_capture", copy_in_capture)
+    cache, dev, rows = _utils.TableCache(size=2), torch.device("cuda", 0), [[1, 2], [3, 4]]
+
+    table = cache.get(rows, dev)  # copied on stream 1
+    entry = made[0]
+    assert table is entry.table and entry.table.recorded == [] and state["stream"].waits == []
+    s2 = state["stream"] = FakeStream(2)
+    assert cache.get(rows, dev) is table and cache.get(rows, dev) is table
+    assert s2.waits == [entry.event] and entry.table.recorded == [2], "stream 2: wait once, record once"
+
+    state["capturing"] = True  # copy not known complete: a table made inside the capture
+    in_graph = cache.get(rows, dev)
+    assert in_graph is captured[0] and in_graph is not table
+    state["capturing"] = False
+    assert cache.get(rows, dev) is table, "an eager call got a table made during a capture"
+
+    entry.event.complete = True
+    s3 = state["stream"] = FakeStream(3)
+    assert cache.get(rows, dev) is table and s3.waits == [] and entry.table.recorded == [2, 3]
+    state["capturing"] = True  # complete now: the capture uses it and pins it
+    assert cache.get(rows, dev) is table and len(captured) == 1
+    state["capturing"] = False
+    for k in range(5):  # evict everything evictable
+        cache.get([[k]], dev)
+    assert cache.get(rows, dev) is table and len(made) == 6, "a table a graph uses was evicted"
+
+
+gpu_only = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
+GRAPH_BETAS = (0.95, 0.9999)
+
+
+def _device_step(q, lr, scores=(), grads=None, found_inf=None, count=True):
+    """One step of the op as an optimizer makes it: the step counts first, then the op."""
+    if count:
+        q.steps.add_(1)
+    ops.masked_adamw_step_(q.params, grads or q.grads, q.idx, q.exp_avg, q.exp_avg_sq, q.offsets, q.steps, lr,
+                           GRAPH_BETAS[0], GRAPH_BETAS[1], 1e-8, 0.1, False, max_exp_avg_sq=q.max_exp_avg_sq,
+                           found_inf=found_inf, scores=list(scores), score_mode="fisher")
+
+
+def _assert_same_run(out, ref, out_scores=(), ref_scores=()):
+    for t, (a, b) in enumerate(zip(out.params, ref.params)):
+        assert_close(a, b, **tol(a.dtype), what=f"params[{t}]")
+    for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "steps"):
+        _assert_equal(getattr(out, name), getattr(ref, name), name)
+    for t, (a, b) in enumerate(zip(out_scores, ref_scores)):
+        _assert_equal(a, b, f"scores[{t}]")
+
+
+@gpu_only
+def test_table_copy_is_ordered_across_streams():
+    """The table is copied on a stream held busy, then used at once on another stream: the second
+    launch must wait for the copy (it would read uninitialised memory otherwise)."""
+    mod = _kernel_module()
+    start = _trajectory_problem(torch.float32, seed=103)
+    lr = torch.tensor(1e-3, dtype=torch.float64)
+    ref = copy.deepcopy(start)
+    with backends.use("reference"):
+        _device_step(ref, lr)
+    q = copy.deepcopy(start)
+    q.steps.add_(1)
+    skip, go = torch.ones((), device=DEVICE), torch.zeros((), device=DEVICE)
+    with backends.use("triton"):
+        # the index check reads idx (a host sync): done here, before the streams race
+        ops.check_masked_adamw_step_(q.params, q.grads, q.idx, q.exp_avg, q.exp_avg_sq, q.offsets, q.steps, lr,
+                                     *GRAPH_BETAS, 1e-8, 0.1, False, max_exp_avg_sq=q.max_exp_avg_sq)
+        mod._tables._entries.clear()
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Stream(), torch.cuda.Stream()
+        with torch.cuda.stream(a):
+            torch.cuda._sleep(200_000_000)  # keeps stream a busy for ~0.1 s
+            _device_step(q, lr, found_inf=skip, count=False)  # table copied on a, behind the sleep; skipped
+        with torch.cuda.stream(b):  # deliberately not ordered after a
+            _device_step(q, lr, found_inf=go, count=False)  # the same table: must wait for its copy
+        torch.cuda.synchronize()
+    _assert_same_run(q, ref)
+
+
+@gpu_only
+@pytest.mark.parametrize("fused", [pytest.param(False, id="step"), pytest.param(True, id="fused-scores")])
+@pytest.mark.parametrize("table", ["known-complete", "made-in-capture"])
+def test_cuda_graph_capture_and_replay(table, fused):
+    """A step captured in a CUDA graph and replayed (new gradients copied into the static ones
+    between replays) equals eager reference steps, also after the cache evicted every eager table
+    and their memory was reused. ``known-complete``: the eager warm-up saw the table's copy
+    complete, the graph uses that table; ``made-in-capture``: the warm-up used other gradient
+    tensors, the capture copies its own table."""
+    mod = _kernel_module()
+    start = _trajectory_problem(torch.float32, seed=107)
+    shapes = [p.shape for p in start.params]
+    gen = torch.Generator().manual_seed(109)
+    grads_seq = [[torch.randn(s, generator=gen).to(DEVICE) for s in shapes] for _ in range(5)]
+    scores0 = _random_scores(shapes, seed=111) if fused else []
+    lr = torch.tensor(1e-3, device=DEVICE)  # on the device: each replay reads it
+
+    ref, ref_scores = copy.deepcopy(start), [x.clone() for x in scores0]
+    with backends.use("reference"):
+        for gs in grads_seq:
+            for g, x in zip(ref.grads, gs):
+                g.copy_(x)
+            _device_step(ref, lr, ref_scores)
+
+    out, out_scores = copy.deepcopy(start), [x.clone() for x in scores0]
+    other = [g.clone() for g in out.grads]
+    warm_grads = other if table == "made-in-capture" else out.grads
+    with backends.use("triton"):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for gs in grads_seq[:2]:
+                for g, x in zip(warm_grads, gs):
+                    g.copy_(x)
+                _device_step(out, lr, out_scores, grads=warm_grads)
+                torch.cuda.synchronize()  # the next eager call sees the table's copy complete
+        torch.cuda.current_stream().wait_stream(side)
+        pinned, captured = len(mod._tables._pinned), len(mod._tables._captured)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            _device_step(out, lr, out_scores)
+        if table == "known-complete":
+            assert len(mod._tables._pinned) == pinned + 1 and len(mod._tables._captured) == captured
+        else:
+            assert len(mod._tables._captured) == captured + 1
+        for k in range(2 * mod._tables._size):  # evict every eager table ...
+            mod._tables.get([[k, 1]], torch.device(DEVICE))
+        junk = [torch.full((4096,), -1, dtype=torch.int64, device=DEVICE) for _ in range(64)]  # ... reuse memory
+        for gs in grads_seq[2:]:
+            for g, x in zip(out.grads, gs):
+                g.copy_(x)
+            graph.replay()
+        torch.cuda.synchronize()
+        del junk
+    _assert_same_run(out, ref, out_scores, ref_scores)
+
+
+@gpu_only
+@pytest.mark.parametrize("variant", ["plain", "scores-tensor-lr", "grad-scaler"])
+def test_masked_adamw_steps_never_sync_the_host(variant):
+    """``torch.cuda.set_sync_debug_mode("error")`` around ``MaskedAdamW`` steps through the Triton
+    backend: no step after the first (which checks the masks' index buffers) waits for the GPU."""
+    gen = torch.Generator().manual_seed(113)
+    shapes = [(300, 77), (7,), (2048, 5)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(DEVICE)) for s in shapes]
+    dense = torch.nn.Parameter(torch.randn(5, 3, generator=gen).to(DEVICE))
+    masks = {p: random_indices(p.numel(), max(1, p.numel() // 10), gen) for p in params}
+    lr = torch.tensor(1e-3, device=DEVICE) if variant == "scores-tensor-lr" else 1e-3
+    opt = fastmask.optim.MaskedAdamW([{"params": params}, {"params": [dense]}], lr=lr, weight_decay=0.1,
+                                     masks=masks, track_scores="abs" if variant == "scores-tensor-lr" else None,
+                                     capturable=variant == "scores-tensor-lr")
+    grads = [[torch.randn(p.shape, generator=gen).to(DEVICE) for p in params + [dense]] for _ in range(4)]
+    scaler = torch.amp.GradScaler("cuda") if variant == "grad-scaler" else None
+    if scaler is not None:
+        scaler.scale(torch.ones((), device=DEVICE))  # initializes the scale on the device
+
+    def step(i):
+        for p, g in zip(params + [dense], grads[i]):
+            p.grad = g.clone()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+
+    with backends.use("triton"):
+        step(0)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for i in range(1, 4):
+                step(i)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+    assert all(bool(torch.isfinite(p).all()) for p in params)
+
+
+BIG = os.environ.get("FASTMASK_TEST_BIG", "0") not in ("", "0")
+
+
+@gpu_only
+@pytest.mark.skipif(not BIG, reason="allocates ~17 GB on the GPU; set FASTMASK_TEST_BIG=1 (scripts/gpu_check.sh does)")
+@pytest.mark.parametrize("fused", [pytest.param(False, id="step"), pytest.param(True, id="fused-scores")])
+def test_indices_near_the_int32_limit(fused):
+    """A bf16 tensor of 2^31 - 1 entries (the most int32 flat indices address) beside a small one:
+    selected entries at both ends step exactly as the reference steps them on compact copies; the
+    entries around them are not touched; fused scores reach the very last entry."""
+    n = 2**31 - 1
+    free, _ = torch.cuda.mem_get_info()
+    if free < n * (2 + 2 + (4 if fused else 0)) + 2**31:
+        pytest.skip(f"needs ~{n * (8 if fused else 4) / 2**30:.0f} GiB free on the GPU, {free / 2**30:.0f} GiB free")
+    sel_big = torch.cat([torch.tensor([0, 1, 2, 1000, 2**30]), torch.arange(n - 5000, n)]).to(torch.int32)
+    sel_small = torch.tensor([1, 5], dtype=torch.int32)
+    gen = torch.Generator(device=DEVICE).manual_seed(115)
+    big = torch.randn(n, generator=gen, device=DEVICE, dtype=torch.bfloat16)
+    big_grad = torch.randn(n, generator=gen, device=DEVICE, dtype=torch.bfloat16)
+    small = torch.randn(7, device=DEVICE, dtype=torch.bfloat16)
+    small_grad = torch.randn(7, device=DEVICE, dtype=torch.bfloat16)
+    k = sel_big.numel() + sel_small.numel()
+    idx = torch.cat([sel_big, sel_small]).to(DEVICE)
+    offsets = [0, sel_big.numel(), k]
+    state = [torch.rand(k, generator=gen, device=DEVICE) * s for s in (0.1, 0.01, 0.02)]
+    steps = torch.tensor([3.0, 4.0], device=DEVICE)
+    scores = [torch.zeros(n, device=DEVICE), torch.zeros(7, device=DEVICE)] if fused else []
+    tail = slice(n - 20000, n)
+    tail_before = big[tail].clone()
+    near = slice(3, 1000)
+    near_before = big[near].clone()
+
+    # the reference, on compact copies of the selected entries
+    sel_long = sel_big.to(DEVICE).long()
+    compact = [big[sel_long].clone(), small.clone()]
+    compact_grads = [big_grad[sel_long].clone(), small_grad.clone()]
+    ref_state = [x.clone() for x in state]
+    with backends.use("reference"):
+        ops.masked_adamw_step_(compact, compact_grads, torch.cat([torch.arange(sel_big.numel(), dtype=torch.int32),
+                                                                  sel_small]).to(DEVICE),
+                               ref_state[0], ref_state[1], offsets, steps, 1e-2, 0.9, 0.999, 1e-8, 0.1, False,
+                               max_exp_avg_sq=ref_state[2])
+    with backends.use("triton"):
+        ops.masked_adamw_step_([big, small], [big_grad, small_grad], idx, state[0], state[1], offsets, steps, 1e-2,
+                               0.9, 0.999, 1e-8, 0.1, False, max_exp_avg_sq=state[2], scores=scores,
+                               score_mode="fisher")
+    torch.cuda.synchronize()
+    for name, a, b in zip(("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), state, ref_state):
+        _assert_equal(a, b, name)
+    assert_close(big[sel_long], compact[0], **tol(torch.bfloat16), what="selected entries of the big tensor")
+    assert_close(small, compact[1], **tol(torch.bfloat16), what="the small tensor")
+    unselected_tail = torch.ones(20000, dtype=torch.bool, device=DEVICE)
+    unselected_tail[-5000:] = False
+    assert torch.equal(big[tail][unselected_tail], tail_before[unselected_tail]), "unselected tail entries changed"
+    assert torch.equal(big[near], near_before), "unselected entries near the start changed"
+    if fused:
+        g = big_grad[tail].float()
+        _assert_equal(scores[0][tail], g * g, "scores of the last entries")
+        g0 = big_grad[:1000].float()
+        _assert_equal(scores[0][:1000], g0 * g0, "scores of the first entries")
 
 
 # ---------------------------------------------------------------------------------------------
