@@ -26,7 +26,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -207,11 +207,63 @@ def prepare(cfg: JobConfig, log=print) -> Context:
     return Context(bench, template, build, tok, info)
 
 
+@dataclass
+class _Dist:
+    """This process's place in a ``torchrun`` launch (world 1: an ordinary single-process run)."""
+
+    rank: int = 0
+    world: int = 1
+    owned: bool = False  # this job initialized the process group (and tears it down)
+    backend: str | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+_DIST = _Dist()
+
+
+def _init_distributed(cfg: JobConfig) -> _Dist:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1): join the process group (nccl on CUDA, gloo on the
+    CPU), pin the local GPU; checks ``--batch-size`` first, so nothing starts on a bad split."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    if cfg.batch_size % world:
+        raise ConfigError("--batch-size", f"{cfg.batch_size} is the global batch; under torchrun it is split "
+                          f"evenly across the {world} processes, so it must be a multiple of {world}")
+    import torch.distributed as dist
+
+    owned = not dist.is_initialized()
+    if owned:
+        device = torch.device(cfg.device)
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return _Dist(rank=dist.get_rank(), world=dist.get_world_size(), owned=owned, backend=dist.get_backend())
+
+
 def _loader(ds, cfg: JobConfig, shuffle: bool, seed: int = 0, batch_size: int | None = None):
+    """Evaluation loaders (``shuffle=False``) see all data on every process; training and scoring
+    loaders (``shuffle=True``) under torchrun take this process's shard of each epoch (a
+    ``DistributedSampler``) in batches of ``batch_size / world``: the global batch is unchanged."""
+    bs = batch_size or cfg.batch_size
+    if shuffle and _DIST.world > 1:
+        sampler = torch.utils.data.DistributedSampler(ds, num_replicas=_DIST.world, rank=_DIST.rank, shuffle=True,
+                                                      seed=seed, drop_last=len(ds) >= _DIST.world)
+        bs //= _DIST.world
+        return torch.utils.data.DataLoader(ds, batch_size=bs, sampler=sampler, drop_last=len(sampler) >= bs,
+                                           num_workers=cfg.workers)
     g = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size or cfg.batch_size, shuffle=shuffle, generator=g,
-                                       drop_last=shuffle and len(ds) >= (batch_size or cfg.batch_size),
-                                       num_workers=cfg.workers)
+    return torch.utils.data.DataLoader(ds, batch_size=bs, shuffle=shuffle, generator=g,
+                                       drop_last=shuffle and len(ds) >= bs, num_workers=cfg.workers)
 
 
 def evaluate(model, ctx: Context, cfg: JobConfig, t: int, eval_loaders: dict, autocast) -> dict:
@@ -298,12 +350,15 @@ def train_sequence(method: str, lr: float, seed: int, ctx: Context, cfg: JobConf
         mem = _Memory(device)
         if setup.optimizer is not None:
             model.train()
+            trained = _ddp(model, setup.optimizer, device) if _DIST.world > 1 else model
             total = cfg.epochs * len(loader)
             if cfg.max_steps is not None:
                 total = min(total, cfg.max_steps)
             bar = tqdm(total=total, desc=f"seed {seed} lr {lr:g} {method}: task {t + 1}/{len(bench.tasks)}",
                        unit="step", disable=not cfg.progress, leave=False)
             for epoch in range(cfg.epochs):
+                if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
+                    loader.sampler.set_epoch(epoch)
                 for images, labels in loader:
                     if steps >= total:
                         break
@@ -313,7 +368,7 @@ def train_sequence(method: str, lr: float, seed: int, ctx: Context, cfg: JobConf
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
                     s0 = time.perf_counter()
-                    loss = loss_fn(model, (images, labels))
+                    loss = loss_fn(trained, (images, labels))
                     setup.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     mem.sample()
@@ -330,7 +385,7 @@ def train_sequence(method: str, lr: float, seed: int, ctx: Context, cfg: JobConf
                         bar.set_postfix(loss=f"{loss.item():.3f}")
             bar.close()
             opt_bytes = Mth.state_bytes(setup.optimizer)
-            del setup.optimizer
+            del setup.optimizer, trained
         replay.add_task(train_ds)
 
         ev = evaluate(model, ctx, cfg, t, eval_loaders, autocast)
@@ -353,6 +408,19 @@ def train_sequence(method: str, lr: float, seed: int, ctx: Context, cfg: JobConf
     for p in model.parameters():
         p.requires_grad_(True)
     return record, all_masks
+
+
+def _ddp(model, optimizer, device):
+    """``model`` in DistributedDataParallel for one task (after the method froze what it does not
+    train). With ``MaskedAdamW`` the gradient all-reduce sends only the selected entries of the
+    masked weights (:func:`fastmask.distributed.masked_allreduce_hook`)."""
+    import fastmask
+    from fastmask.distributed import MaskedAllreduceState, masked_allreduce_hook
+
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if isinstance(optimizer, fastmask.MaskedAdamW):
+        ddp.register_comm_hook(MaskedAllreduceState(optimizer), masked_allreduce_hook)
+    return ddp
 
 
 def summarize(record: dict) -> dict:
@@ -391,16 +459,39 @@ def run(cfg: JobConfig, log=print) -> dict:
     data or scoring work: :class:`ConfigError` names the flag, :class:`MissingDependency` the pip
     command.
     """
-    from . import report
-
+    global _DIST
     cfg = resolve(cfg)
     notes = checks.preflight(cfg)
+    _DIST = _init_distributed(cfg)
+    try:
+        return _run(cfg, notes, log)
+    finally:
+        if _DIST.owned:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+        _DIST = _Dist()
+
+
+def _run(cfg: JobConfig, notes: list, log) -> dict:
+    from . import report
+
+    if not _DIST.main:  # one voice: rank 0 logs, shows progress and writes the outputs
+        log = lambda *a, **k: None  # noqa: E731
+        cfg = replace(cfg, progress=False)
     for note in notes:
         log(f"note: {note}")
+    if _DIST.world > 1:
+        log(f"distributed: {_DIST.world} processes; batches of {cfg.batch_size // _DIST.world} per process "
+            f"(global {cfg.batch_size}); every rank scores its shard, the scores are summed across ranks")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
+    if not _DIST.main:
+        _DIST.barrier()  # rank 0 pretrains (or loads) the base model and caches it first
     ctx = prepare(cfg, log=log)
+    if _DIST.main:
+        _DIST.barrier()
     log(ctx.info["benchmark"])
     bench = ctx.bench
     eval_bs = max(cfg.batch_size, 256) if cfg.embedded else cfg.batch_size
@@ -433,7 +524,7 @@ def run(cfg: JobConfig, log=print) -> dict:
                 record, masks = train_sequence(method, lr, seed, ctx, cfg, eval_loaders, log=log, before=before)
                 record["summary"] = summarize(record)
                 runs.append(record)
-                if cfg.save_masks and masks and masks[0] is not None:
+                if cfg.save_masks and masks and masks[0] is not None and _DIST.main:
                     mdir = os.path.join(cfg.out, "masks")
                     os.makedirs(mdir, exist_ok=True)
                     for t, m in enumerate(masks):
@@ -449,6 +540,10 @@ def run(cfg: JobConfig, log=print) -> dict:
         memory_measure=("torch.cuda.max_memory_allocated delta" if device.type == "cuda" else
                         "peak RSS increase during training, sampled after each backward (/proc/self/statm)"),
         wall_s=time.perf_counter() - t_start,
+        distributed=dict(world_size=_DIST.world, batch_per_process=cfg.batch_size // _DIST.world,
+                         backend=_DIST.backend),
     )
-    report.write(results, cfg.out, plots=cfg.plots, log=log)
+    if _DIST.main:
+        report.write(results, cfg.out, plots=cfg.plots, log=log)
+    _DIST.barrier()
     return results
