@@ -9,12 +9,19 @@
 //   * per entry, everything is fp32:
 //       m  = lerp(m, g, 1 - beta1)        torch's lerp: fma(w, g - m, m) for |w| < 0.5,
 //                                          else fma(w - 1, g - m, g)
-//       v  = v * beta2 + (1 - beta2) * g * g   torch's addcmul: fma((1 - beta2) * g, g, v * beta2)
+//       v  = v * beta2 + (1 - beta2) * g * g   torch's addcmul, which torch rounds differently
+//                                          per device (addcmul_torch below):
+//                                          CPU  fma((1 - beta2) * g, g, v * beta2)
+//                                          CUDA fma(1 - beta2, g * g, v * beta2)
 //       denom = sqrt(max(v_max, v)) / bc2_sqrt + eps
 //       p  = p * decay + (neg_step_size * m) / denom
-// The fused multiply-adds are written out explicitly (torch's vectorized CPU kernels use them);
-// every other product and sum must stay unfused, so these sources are compiled with
-// -ffp-contract=off (host) and -fmad=false (nvcc). Never build them with -ffast-math.
+// The fused multiply-adds are written out explicitly (torch's kernels use them: its vectorized CPU
+// kernels, and nvcc's contraction or explicit fmas in its CUDA kernels); every other product and
+// sum must stay unfused, so these sources are compiled with -ffp-contract=off (host) and
+// -fmad=false (nvcc). Never build them with -ffast-math.
+// The per-tensor scalars use pow/sqrt/division in double: on a GPU these are CUDA's pow
+// (__nv_pow, what torch.pow runs there) and IEEE sqrt/division (nvcc's default -prec-div/-prec-sqrt;
+// never build with --use_fast_math).
 #pragma once
 
 #include <cmath>
@@ -190,6 +197,19 @@ FM_HD float lerp_torch(float start, float end, float weight) {
   return (weight < 0.5f && weight > -0.5f) ? fm_fma(weight, diff, start) : fm_fma(weight - 1.0f, diff, end);
 }
 
+// v.addcmul_(g, g, value=w) on v = exp_avg_sq * beta2, rounded as torch's kernel for the device
+// rounds it, so that the state equals the reference's (torch's own ops) bit for bit there:
+//  * CPU (ATen's vectorized addcmul kernel): fma(w * g, g, v);
+//  * CUDA/ROCm (ATen's pointwise_op_impl): fma(w, g * g, v), or fma(g, g, v) when w == 1.
+// The two forms differ in the last bit for about 6% of the entries.
+FM_HD float addcmul_torch(float v, float g, float w) {
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+  return (w == 1.0f) ? fm_fma(g, g, v) : fm_fma(w, g * g, v);
+#else
+  return fm_fma(w * g, g, v);
+#endif
+}
+
 // torch.maximum: NaN propagates.
 FM_HD float maximum_torch(float a, float b) { return (a != a) ? a : ((b != b) ? b : (a > b ? a : b)); }
 
@@ -200,7 +220,7 @@ FM_HD float adamw_entry(float p, float g, float& m, float& v, float& v_max, cons
                         const TensorScalars& s) {
   p = p * s.decay;
   const float m_new = lerp_torch(m, g, c.one_minus_beta1);
-  const float v_new = fm_fma(c.one_minus_beta2 * g, g, v * c.beta2);
+  const float v_new = addcmul_torch(v * c.beta2, g, c.one_minus_beta2);
   m = m_new;
   v = v_new;
   float v_use = v_new;

@@ -4,7 +4,8 @@
 // torch.ops.fastmask_ext.* can be called directly, and its index check is cached per version of
 // the index buffer, which a write through .data, a numpy view or another tensor on the same
 // storage does not bump):
-//  * here, metadata only: devices, dtypes, contiguity, shapes of every tensor, the segment
+//  * here, metadata only: devices (every tensor on the params' device, index included, not just
+//    the same device type), dtypes, contiguity, shapes of every tensor, the segment
 //    offsets (0 .. idx.numel(), non-decreasing, no segment longer than its tensor), <= 2^31 - 1
 //    entries per tensor; a violation raises before anything is written;
 //  * in the kernels (CPU and CUDA), every index as it is used: one outside [0, numel) of its
@@ -50,10 +51,10 @@ inline ParamType param_type_of(at::ScalarType t) {
   }
 }
 
-inline void check_state(const at::Tensor& t, const char* name, int64_t k, c10::DeviceType dev) {
-  TORCH_CHECK(t.device().type() == dev && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 1 &&
+inline void check_state(const at::Tensor& t, const char* name, int64_t k, c10::Device device) {
+  TORCH_CHECK(t.device() == device && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 1 &&
                   t.numel() == k,
-              name, ": expected a contiguous float32 tensor of ", k, " entries on ", dev);
+              name, ": expected a contiguous float32 tensor of ", k, " entries on ", device);
 }
 
 inline void check_step_layout(at::TensorList params, at::TensorList grads, const at::Tensor& idx,
@@ -64,21 +65,24 @@ inline void check_step_layout(at::TensorList params, at::TensorList grads, const
   TORCH_CHECK(static_cast<int64_t>(grads.size()) == n, "grads: expected one gradient per param");
   TORCH_CHECK(static_cast<int64_t>(offsets.size()) == n + 1, "offsets: expected ", n + 1, " entries");
   TORCH_CHECK(scores.empty() || static_cast<int64_t>(scores.size()) == n, "scores: expected none or one per param");
-  TORCH_CHECK(idx.device().type() == dev && idx.scalar_type() == at::kInt && idx.is_contiguous() && idx.dim() == 1,
-              "idx: expected a contiguous int32 1-D tensor on ", dev);
+  // Every tensor of the call on one device: the params' (a kernel launched on one GPU must not be
+  // handed another GPU's pointers), or idx's when there are no params.
+  const c10::Device device = n > 0 ? params[0].device() : idx.device();
+  TORCH_CHECK(device.type() == dev, n > 0 ? "params" : "idx", ": expected tensors on ", dev, ", got ", device);
+  TORCH_CHECK(idx.device() == device && idx.scalar_type() == at::kInt && idx.is_contiguous() && idx.dim() == 1,
+              "idx: expected a contiguous int32 1-D tensor on ", device);
   const int64_t k = idx.numel();
   TORCH_CHECK(offsets[0] == 0 && offsets[n] == k, "offsets: must start at 0 and end at idx.numel()");
-  check_state(exp_avg, "exp_avg", k, dev);
-  check_state(exp_avg_sq, "exp_avg_sq", k, dev);
-  if (max_exp_avg_sq.has_value()) check_state(*max_exp_avg_sq, "max_exp_avg_sq", k, dev);
-  TORCH_CHECK(steps.device().type() == dev && steps.numel() == n && steps.scalar_type() == at::kFloat,
-              "steps: expected ", n, " float32 step counts on ", dev);
+  check_state(exp_avg, "exp_avg", k, device);
+  check_state(exp_avg_sq, "exp_avg_sq", k, device);
+  if (max_exp_avg_sq.has_value()) check_state(*max_exp_avg_sq, "max_exp_avg_sq", k, device);
+  TORCH_CHECK(steps.device() == device && steps.numel() == n && steps.scalar_type() == at::kFloat,
+              "steps: expected ", n, " float32 step counts on ", device);
   for (int64_t t = 0; t < n; ++t) {
     const at::Tensor& p = params[t];
     const at::Tensor& g = grads[t];
-    TORCH_CHECK(p.device().type() == dev && p.is_contiguous() && p.scalar_type() == params[0].scalar_type() &&
-                    p.device() == params[0].device(),
-                "params[", t, "]: expected contiguous params of one dtype on one ", dev, " device");
+    TORCH_CHECK(p.device() == device && p.is_contiguous() && p.scalar_type() == params[0].scalar_type(),
+                "params[", t, "]: expected contiguous params of one dtype on ", device);
     TORCH_CHECK(g.device() == p.device() && g.is_contiguous() && g.scalar_type() == p.scalar_type() &&
                     g.sizes() == p.sizes(),
                 "grads[", t, "]: expected a contiguous gradient like params[", t, "]");

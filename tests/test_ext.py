@@ -60,6 +60,10 @@ def _assert_rounding_close(a, b, p0, what):
 
 
 def _compare(pr, got, want, dtype, amsgrad, sc_got=None, sc_want=None):
+    """State and scores bit for bit, params within rounding of the reference's step, unselected
+    entries never written. Tensors on any device (compared on the CPU)."""
+    pr, got, want = (_to_cpu(x) for x in (pr, got, want))
+    sc_got, sc_want = [x.cpu() for x in sc_got or []], [x.cpu() for x in sc_want or []]
     for t, (a, b, p0) in enumerate(zip(got.params, want.params, pr.params)):
         assert_close(a, b, **tol(dtype), what=f"params[{t}]")
         _assert_rounding_close(a.view(-1), b.view(-1), p0.view(-1).to(a.dtype), f"params[{t}]")
@@ -73,6 +77,15 @@ def _compare(pr, got, want, dtype, amsgrad, sc_got=None, sc_want=None):
         assert torch.equal(got.max_exp_avg_sq, want.max_exp_avg_sq), "max_exp_avg_sq differs"
     for t, (a, b) in enumerate(zip(sc_got or [], sc_want or [])):
         assert torch.equal(a, b), f"scores[{t}] differ from the reference"
+
+
+def _to_cpu(pr):
+    q = copy.deepcopy(pr)
+    for name in ("params", "grads"):
+        setattr(q, name, [t.cpu() for t in getattr(q, name)])
+    for name in ("idx", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "steps"):
+        setattr(q, name, getattr(q, name).cpu())
+    return q
 
 
 SHAPES = {
@@ -288,17 +301,211 @@ def test_version_mismatch_falls_back_with_warning(tmp_path):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", MODES)
 def test_cuda_matches_reference(dtype, mode):
+    """On the GPU the reference runs torch's CUDA kernels, which round addcmul differently from
+    its CPU kernels: the CUDA kernels follow them (csrc/adamw_math.h addcmul_torch), so the state
+    still equals the reference's bit for bit."""
     pr = make_problem(SHAPES["mixed"] + [(3072, 77)], dtype=dtype, density=0.1, device="cuda", seed=8)
     scores = [torch.randn(p.shape, device="cuda") for p in pr.params]
     kw = dict(scores=scores, mode=mode, grad_scale=torch.tensor(2.0, device="cuda"), amsgrad=True, maximize=True)
     got, sg = _run("ext", pr, **kw)
     want, sw = _run("reference", pr, **kw)
+    _compare(pr, got, want, dtype, True, sg, sw)
+
+
+def _new_grads(pr, gen):
+    for g in pr.grads:  # of varying scale: some steps tiny, some large
+        scale = 10.0 ** float(torch.randint(-4, 3, (), generator=gen))
+        g.copy_((torch.randn(g.shape, generator=gen) * scale).to(device=g.device, dtype=g.dtype))
+
+
+@needs_cuda_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.95, 0.9999), (0.0, 0.5), (0.999, 0.99999)], ids=str)
+def test_cuda_trajectory_bit_identical_state(betas, dtype):
+    """Betas close to 1, 30 steps, amsgrad and fused scores: at every step the CUDA kernels' state
+    and scores equal the reference's (torch's CUDA ops) bit for bit and the params are within one
+    rounding of it; where the Triton backend runs too, its params equal these bit for bit."""
+    gen = torch.Generator().manual_seed(41)
+    pr = make_problem([(37, 129), (7,), (5000,), (3072, 77)], dtype=dtype, density=0.3, device="cuda", seed=43,
+                      step=0)
+    scores = [torch.randn(p.shape, generator=gen).cuda() for p in pr.params]
+    twin = backends.why_not("triton", "cuda") is None
+    for step in range(30):
+        pr.steps += 1
+        _new_grads(pr, gen)
+        kw = dict(scores=scores, mode="fisher", amsgrad=True, lr=1e-3, wd=0.1, betas=betas)
+        got, sg = _run("ext", pr, **kw)
+        want, sw = _run("reference", pr, **kw)
+        try:
+            _compare(pr, got, want, dtype, True, sg, sw)
+            if twin:
+                tri, st = _run("triton", pr, **kw)
+                for t, (a, b) in enumerate(zip(tri.params, got.params)):
+                    assert torch.equal(a, b), f"params[{t}]: the Triton and CUDA kernels differ"
+                assert torch.equal(tri.exp_avg_sq, got.exp_avg_sq) and all(torch.equal(a, b) for a, b in zip(st, sg))
+        except AssertionError as exc:
+            raise AssertionError(f"step {step + 1}: {exc}") from None
+        pr, scores = got, sg
+
+
+@needs_cuda_ext
+def test_cuda_graph_capture_and_replay():
+    """The CUDA kernels take their per-tensor table by value (kernel arguments): a step captured in
+    a CUDA graph and replayed with new gradients equals eager reference steps."""
+    gen = torch.Generator().manual_seed(45)
+    start = make_problem([(37, 129), (7,), (5000,)], density=0.3, device="cuda", seed=47, step=0)
+    grads_seq = [[torch.randn(g.shape, generator=gen).cuda() for g in start.grads] for _ in range(5)]
+    lr = torch.tensor(1e-3, device="cuda")
+
+    def step(q, scores):
+        q.steps.add_(1)
+        ops.masked_adamw_step_(q.params, q.grads, q.idx, q.exp_avg, q.exp_avg_sq, q.offsets, q.steps, lr, 0.95,
+                               0.9999, 1e-8, 0.1, False, max_exp_avg_sq=q.max_exp_avg_sq, scores=scores,
+                               score_mode="abs")
+
+    results = {}
+    for backend in ("reference", "ext"):
+        q = copy.deepcopy(start)
+        scores = [torch.zeros(g.shape, device="cuda") for g in q.grads]
+        with backends.use(backend):
+            if backend == "reference":
+                for gs in grads_seq:
+                    for g, x in zip(q.grads, gs):
+                        g.copy_(x)
+                    step(q, scores)
+            else:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for gs in grads_seq[:2]:
+                        for g, x in zip(q.grads, gs):
+                            g.copy_(x)
+                        step(q, scores)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    step(q, scores)
+                for gs in grads_seq[2:]:
+                    for g, x in zip(q.grads, gs):
+                        g.copy_(x)
+                    graph.replay()
+        torch.cuda.synchronize()
+        results[backend] = (q, scores)
+    (want, sw), (got, sg) = results["reference"], results["ext"]
     for t, (a, b) in enumerate(zip(got.params, want.params)):
-        assert_close(a, b, **tol(dtype), what=f"params[{t}]")
-    for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-        assert_close(getattr(got, name), getattr(want, name), **tol(torch.float32), what=name)
-    for a, b in zip(sg, sw):
-        assert_close(a, b, **tol(torch.float32), what="scores")
+        assert_close(a, b, **tol(torch.float32), what=f"params[{t}]")
+    for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "steps"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert all(torch.equal(a, b) for a, b in zip(sg, sw)), "scores"
+
+
+@needs_cuda_ext
+@pytest.mark.parametrize("variant", ["plain", "scores-tensor-lr", "grad-scaler"])
+def test_cuda_masked_adamw_steps_never_sync_the_host(variant):
+    """``torch.cuda.set_sync_debug_mode("error")`` around ``MaskedAdamW`` steps through the CUDA
+    kernels: no step after the first (which checks the masks' index buffers) waits for the GPU."""
+    gen = torch.Generator().manual_seed(49)
+    shapes = [(300, 77), (7,), (2048, 5)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).cuda()) for s in shapes]
+    dense = torch.nn.Parameter(torch.randn(5, 3, generator=gen).cuda())
+    masks = {p: random_indices(p.numel(), max(1, p.numel() // 10), gen) for p in params}
+    tensor_lr = variant == "scores-tensor-lr"
+    opt = fastmask.MaskedAdamW([{"params": params}, {"params": [dense]}],
+                               lr=torch.tensor(1e-3, device="cuda") if tensor_lr else 1e-3, weight_decay=0.1,
+                               masks=masks, track_scores="abs" if tensor_lr else None, capturable=tensor_lr)
+    grads = [[torch.randn(p.shape, generator=gen).cuda() for p in params + [dense]] for _ in range(4)]
+    scaler = torch.amp.GradScaler("cuda") if variant == "grad-scaler" else None
+    if scaler is not None:
+        scaler.scale(torch.ones((), device="cuda"))  # initializes the scale on the device
+
+    def step(i):
+        for p, g in zip(params + [dense], grads[i]):
+            p.grad = g.clone()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+
+    with backends.use("ext"):
+        step(0)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for i in range(1, 4):
+                step(i)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+    assert all(bool(torch.isfinite(p).all()) for p in params)
+
+
+@needs_cuda_ext
+@pytest.mark.skipif(os.environ.get("FASTMASK_TEST_BIG", "0") in ("", "0"),
+                    reason="allocates ~17 GB on the GPU; set FASTMASK_TEST_BIG=1 (scripts/gpu_check.sh does)")
+@pytest.mark.parametrize("fused", [False, True], ids=["step", "step+scores"])
+def test_cuda_indices_near_the_int32_limit(fused):
+    """A bf16 tensor of 2^31 - 1 entries (the most int32 flat indices address) beside a small one:
+    selected entries at both ends step as the reference steps compact copies of them; the entries
+    around them are not touched; fused scores reach the very last entry."""
+    n = 2**31 - 1
+    free, _ = torch.cuda.mem_get_info()
+    if free < n * (8 if fused else 4) + 2**31:
+        pytest.skip(f"needs ~{n * (8 if fused else 4) / 2**30:.0f} GiB free on the GPU, {free / 2**30:.0f} GiB free")
+    gen = torch.Generator(device="cuda").manual_seed(51)
+    big = torch.randn(n, generator=gen, device="cuda", dtype=torch.bfloat16)
+    big_grad = torch.randn(n, generator=gen, device="cuda", dtype=torch.bfloat16)
+    small = torch.randn(7, generator=gen, device="cuda", dtype=torch.bfloat16)
+    small_grad = torch.randn(7, generator=gen, device="cuda", dtype=torch.bfloat16)
+    sel_big = torch.cat([torch.tensor([0, 1, 2, 1000, 2**30]), torch.arange(n - 5000, n)]).to(torch.int32).cuda()
+    sel_small = torch.tensor([1, 5], dtype=torch.int32, device="cuda")
+    k = sel_big.numel() + 2
+    offsets = [0, sel_big.numel(), k]
+    state = [torch.rand(k, generator=gen, device="cuda") * s for s in (0.1, 0.01, 0.02)]
+    steps = torch.tensor([3.0, 4.0], device="cuda")
+    scores = [torch.zeros(n, device="cuda"), torch.zeros(7, device="cuda")] if fused else []
+    tail, near = slice(n - 20000, n), slice(3, 1000)
+    tail_before, near_before = big[tail].clone(), big[near].clone()
+    compact = [big[sel_big.long()].clone(), small.clone()]
+    compact_grads = [big_grad[sel_big.long()].clone(), small_grad.clone()]
+    ref_state = [x.clone() for x in state]
+    compact_idx = torch.cat([torch.arange(sel_big.numel(), dtype=torch.int32, device="cuda"), sel_small])
+    with backends.use("reference"):
+        ops.masked_adamw_step_(compact, compact_grads, compact_idx, ref_state[0], ref_state[1], offsets, steps, 1e-2,
+                               0.9, 0.999, 1e-8, 0.1, False, max_exp_avg_sq=ref_state[2])
+    with backends.use("ext"):
+        ops.masked_adamw_step_([big, small], [big_grad, small_grad], torch.cat([sel_big, sel_small]), state[0],
+                               state[1], offsets, steps, 1e-2, 0.9, 0.999, 1e-8, 0.1, False,
+                               max_exp_avg_sq=state[2], scores=scores, score_mode="fisher")
+    torch.cuda.synchronize()
+    for name, a, b in zip(("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), state, ref_state):
+        assert torch.equal(a, b), name
+    assert_close(big[sel_big.long()], compact[0], **tol(torch.bfloat16), what="selected entries of the big tensor")
+    assert_close(small, compact[1], **tol(torch.bfloat16), what="the small tensor")
+    unselected = torch.ones(20000, dtype=torch.bool, device="cuda")
+    unselected[-5000:] = False
+    assert torch.equal(big[tail][unselected], tail_before[unselected]), "unselected tail entries changed"
+    assert torch.equal(big[near], near_before), "unselected entries near the start changed"
+    if fused:
+        g = big_grad[tail].float()
+        assert torch.equal(scores[0][tail], g * g), "scores of the last entries"
+        g0 = big_grad[:1000].float()
+        assert torch.equal(scores[0][:1000], g0 * g0), "scores of the first entries"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@needs_cuda_ext
+def test_cuda_tensors_on_another_gpu_are_refused():
+    """The C++ layer checks every tensor's exact device, not only its type: a kernel launched on
+    the params' GPU must never be handed another GPU's pointers."""
+    pr = make_problem([(100,), (7,)], density=0.5, device="cuda:0", seed=53)
+    for name in ("idx", "exp_avg", "steps"):
+        q = copy.deepcopy(pr)
+        setattr(q, name, getattr(q, name).to("cuda:1"))
+        with pytest.raises(RuntimeError, match=name):
+            torch.ops.fastmask_ext.masked_adamw_step_(
+                q.params, q.grads, q.idx, q.exp_avg, q.exp_avg_sq, q.offsets, q.steps, torch.tensor(1e-3), 0.9, 0.999,
+                1e-8, 0.0, False, None, None, None, [], "grad")
 
 
 @pytest.mark.skipif(os.environ.get("FASTMASK_TEST_JIT", "0") in ("", "0"),

@@ -47,12 +47,17 @@ void masked_adamw_step_cuda(at::TensorList params, at::TensorList grads, const a
     sp.lr_ptr = lr_dev.data_ptr();
     sp.lr_is_double = lr_dev.scalar_type() == at::kDouble;
   }
+  // grad_scale and found_inf live on the params' device (a CPU one would need a blocking copy).
   if (grad_scale.has_value()) {
-    gs_dev = grad_scale->to(params[0].device(), at::kFloat);
+    TORCH_CHECK(grad_scale->numel() == 1 && grad_scale->device() == params[0].device(),
+                "grad_scale: expected one element on ", params[0].device(), ", got ", grad_scale->device());
+    gs_dev = grad_scale->to(at::kFloat);
     sp.grad_scale = gs_dev.data_ptr<float>();
   }
   if (found_inf.has_value()) {
-    fi_dev = found_inf->to(params[0].device(), at::kFloat);
+    TORCH_CHECK(found_inf->numel() == 1 && found_inf->device() == params[0].device(),
+                "found_inf: expected one element on ", params[0].device(), ", got ", found_inf->device());
+    fi_dev = found_inf->to(at::kFloat);
     sp.found_inf = fi_dev.data_ptr<float>();
   }
   const at::Tensor steps_f = steps.to(at::kFloat).contiguous();
