@@ -15,8 +15,16 @@ Switches (environment variables):
 * ``FASTMASK_SKIP_EXT=1``: no extension at all (pure-Python install; the reference backend and
   Triton serve every call).
 * ``FASTMASK_SKIP_CUDA=1``: C++ only, even where CUDA is available.
-* ``FASTMASK_CUDA_ARCHS``: compute capabilities, ``;``/``,``/space separated (default ``80;90``);
-  a trailing ``+PTX`` also embeds PTX for the highest one.
+* ``FASTMASK_CUDA_ARCHS``: compute capabilities, ``;``/``,``/space separated; a trailing ``+PTX``
+  also embeds PTX for the highest one. Default ``80;90;100;120+PTX`` (A100/RTX 30-40, H100/H200,
+  B100/B200, RTX 50/Blackwell workstation; PTX lets newer GPUs JIT the kernels), reduced to the
+  archs the found ``nvcc --list-gpu-arch`` supports (PTX then for the highest one kept).
+* ``CUDA_HOME`` (or ``CUDA_PATH``): the CUDA toolkit to build with. Without it the toolkit is the
+  one ``nvcc`` on ``PATH`` belongs to (symlinks and wrapper scripts resolved: ``nvcc --dryrun``
+  says where it runs from), else ``/usr/local/cuda``, ``/usr/local/cuda-*`` (torch's CUDA major
+  version first), ``/opt/cuda``; a toolkit counts only if it has ``include/cuda_runtime.h``.
+  (torch's own guess, the parent of ``nvcc``'s directory, fails for a ``/usr/local/bin/nvcc``
+  wrapper with ``cuda_runtime.h: No such file or directory``.)
 * ``MAX_JOBS``: parallel compile jobs (torch's BuildExtension honours it with ninja).
 * ``DEBUG=1``: ``-O0 -g`` (and ``-G`` for device code).
 * ``FASTMASK_LOCAL_VERSION=auto`` (set by ``scripts/build_wheel.sh``): a prebuilt wheel for the
@@ -57,9 +65,94 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _cuda_archs() -> list[str]:
-    raw = os.environ.get("FASTMASK_CUDA_ARCHS", "80;90")
+DEFAULT_CUDA_ARCHS = "80;90;100;120+PTX"
+
+
+def _split_archs(raw: str) -> list[str]:
     return [a for a in raw.replace(",", ";").replace(" ", ";").split(";") if a]
+
+
+def _arch_number(arch: str) -> int:
+    return int(arch.replace("+PTX", "").replace(".", "").replace("sm_", "").replace("compute_", ""))
+
+
+def _nvcc_archs(nvcc: str) -> set[int]:
+    """Compute capabilities ``nvcc --list-gpu-arch`` supports (empty if it cannot say)."""
+    try:
+        out = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return set()
+    return {int(m) for m in re.findall(r"compute_(\d+)", out)}
+
+
+def _cuda_archs(nvcc: str) -> list[str]:
+    raw = os.environ.get("FASTMASK_CUDA_ARCHS", "").strip()
+    if raw:
+        return _split_archs(raw)  # as asked: nvcc reports an arch it does not know
+    wanted = [a.replace("+PTX", "") for a in _split_archs(DEFAULT_CUDA_ARCHS)]
+    supported = _nvcc_archs(nvcc)
+    keep = [a for a in wanted if not supported or _arch_number(a) in supported]
+    if not keep:
+        keep = [str(max(supported))] if supported else wanted
+    keep[-1] += "+PTX"
+    return keep
+
+
+def _has_cuda_runtime_header(home: str | None) -> bool:
+    return bool(home) and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h"))
+
+
+def _nvcc_toolkit(nvcc: str) -> str | None:
+    """The toolkit an ``nvcc`` command really runs from (through wrapper scripts): ``TOP`` in its
+    ``--dryrun`` listing."""
+    try:
+        run = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in (run.stdout + run.stderr).splitlines():
+        m = re.match(r"#\$ TOP=(.+)$", line.strip())
+        if m:
+            return os.path.normpath(m.group(1).strip())
+    return None
+
+
+def find_cuda_home(torch_cuda: str | None = None) -> tuple[str | None, list[str]]:
+    """(CUDA toolkit root with ``include/cuda_runtime.h`` and ``bin/nvcc``, or None; why each
+    candidate was rejected)."""
+    rejected = []
+    explicit = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if explicit:
+        if _has_cuda_runtime_header(explicit):
+            return explicit, rejected
+        # an explicit choice is never second-guessed
+        return None, [f"CUDA_HOME/CUDA_PATH={explicit} has no include/cuda_runtime.h"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        home = os.path.dirname(os.path.dirname(real))
+        if _has_cuda_runtime_header(home):
+            return home, rejected
+        rejected.append(f"{home} (parent of nvcc {nvcc}" + (f" -> {real}" if real != nvcc else "") +
+                        ") has no include/cuda_runtime.h")
+        top = _nvcc_toolkit(nvcc)
+        if top and _has_cuda_runtime_header(top):
+            return top, rejected
+        if top:
+            rejected.append(f"{top} (where nvcc --dryrun says it runs from) has no include/cuda_runtime.h")
+    major = (torch_cuda or "").split(".")[0]
+
+    def rank(path):
+        nums = [int(x) for x in re.findall(r"\d+", os.path.basename(path))]
+        return (bool(nums) and str(nums[0]) == major, nums)
+
+    versioned = sorted(glob.glob("/usr/local/cuda-*"), key=rank, reverse=True)
+    for home in ["/usr/local/cuda", *versioned, "/opt/cuda"]:
+        if _has_cuda_runtime_header(home) and os.path.isfile(os.path.join(home, "bin", "nvcc")):
+            return home, rejected
+        if os.path.exists(home):
+            rejected.append(f"{home} has no include/cuda_runtime.h or bin/nvcc")
+    return None, rejected
 
 
 def _gencode_flags(archs: list[str]) -> list[str]:
@@ -76,9 +169,11 @@ def _gencode_flags(archs: list[str]) -> list[str]:
 def _compiler_version(cmd: list[str]) -> str:
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip()
-        return out.splitlines()[0] if out else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    lines = out.splitlines()
+    release = [line for line in lines if "release" in line]  # nvcc: "Cuda compilation tools, release 13.0, V13.0.88"
+    return (release or lines or ["unknown"])[0]
 
 
 def _extensions():
@@ -88,7 +183,6 @@ def _extensions():
         return [], {}
     try:
         import torch
-        from torch.utils import cpp_extension
     except ImportError:
         print("fastmask: torch is not importable at build time, building without the extension "
               "(install with --no-build-isolation)", file=sys.stderr)
@@ -105,13 +199,27 @@ def _extensions():
     cxx_flags = opt + ["-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fvisibility=hidden"]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
 
-    with_cuda = (
-        not _env_flag("FASTMASK_SKIP_CUDA")
-        and torch.version.cuda is not None
-        and cpp_extension.CUDA_HOME is not None
-        and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
-    )
-    archs = _cuda_archs() if with_cuda else []
+    with_cuda = not _env_flag("FASTMASK_SKIP_CUDA") and torch.version.cuda is not None
+    cuda_home = None
+    if with_cuda:
+        cuda_home, rejected = find_cuda_home(torch.version.cuda)
+        if cuda_home is None or not os.path.isfile(os.path.join(cuda_home, "bin", "nvcc")):
+            print(f"fastmask: torch {torch.__version__} has CUDA {torch.version.cuda}, but no CUDA toolkit "
+                  "(include/cuda_runtime.h and bin/nvcc) was found"
+                  + ("".join(f"\n  - {r}" for r in rejected) if rejected else " (no nvcc on PATH, no /usr/local/cuda)")
+                  + "\n  building the C++ kernels only; set CUDA_HOME to the toolkit root to build the CUDA kernels "
+                  "(or FASTMASK_SKIP_CUDA=1 to silence this)", file=sys.stderr)
+            with_cuda = False
+        else:
+            # torch.utils.cpp_extension guesses CUDA_HOME when first imported (the parent of nvcc's
+            # directory: wrong for a wrapper script): give it this one, before and after import.
+            os.environ["CUDA_HOME"] = cuda_home
+    from torch.utils import cpp_extension
+
+    if with_cuda:
+        cpp_extension.CUDA_HOME = cuda_home
+    nvcc_path = os.path.join(cuda_home, "bin", "nvcc") if with_cuda else None
+    archs = _cuda_archs(nvcc_path) if with_cuda else []
     extra = {"cxx": cxx_flags}
     define_macros = []
     if with_cuda:
@@ -139,8 +247,8 @@ def _extensions():
         "cuda": torch.version.cuda if with_cuda else None,
         "cuda_archs": archs,
         "cxx": _compiler_version([cxx.split()[0], "--version"]),
-        "nvcc": _compiler_version([os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"), "--version"])
-        if with_cuda else None,
+        "nvcc": _compiler_version([nvcc_path, "--version"]) if with_cuda else None,
+        "cuda_home": cuda_home,
         "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI),
         "debug": debug,
         "python": sys.version.split()[0],

@@ -126,13 +126,54 @@ def _sources_dir() -> Path:
                             "JIT builds need a source checkout")
 
 
+def _cuda_toolkit(guess: str | None) -> str | None:
+    """The CUDA toolkit to compile with: one whose ``include/cuda_runtime.h`` exists. The same
+    search as setup.py's ``find_cuda_home``: ``CUDA_HOME``/``CUDA_PATH`` (taken as given), torch's
+    guess, the toolkit ``nvcc`` on PATH belongs to (symlinks resolved, then ``TOP`` from
+    ``nvcc --dryrun`` for wrapper scripts), ``/usr/local/cuda``."""
+    import re
+    import shutil
+    import subprocess
+
+    def ok(home):
+        return bool(home) and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h"))
+
+    explicit = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if explicit:
+        return explicit if ok(explicit) else None
+    if ok(guess):
+        return guess
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        if ok(home):
+            return home
+        try:
+            run = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                                 capture_output=True, text=True, timeout=60)
+            top = re.search(r"^#\$ TOP=(.+)$", run.stdout + run.stderr, re.M)
+        except (OSError, subprocess.SubprocessError):
+            top = None
+        if top and ok(os.path.normpath(top.group(1).strip())):
+            return os.path.normpath(top.group(1).strip())
+    return "/usr/local/cuda" if ok("/usr/local/cuda") else None
+
+
 def _build_jit_locked(verbose: bool = False) -> None:
     from torch.utils import cpp_extension
 
     src = _sources_dir()
     sources = sorted(str(p) for p in list(src.glob("*.cpp")) + list((src / "cpu").glob("*.cpp")))
-    with_cuda = (torch.version.cuda is not None and torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
+    with_cuda = (torch.version.cuda is not None and torch.cuda.is_available()
                  and os.environ.get("FASTMASK_SKIP_CUDA", "0") in ("", "0"))
+    if with_cuda:
+        cuda_home = _cuda_toolkit(cpp_extension.CUDA_HOME)
+        if cuda_home is None:
+            _warn_once("fastmask: JIT build without the CUDA kernels: no CUDA toolkit with include/cuda_runtime.h "
+                       "found (set CUDA_HOME to the toolkit root)")
+            with_cuda = False
+        else:
+            cpp_extension.CUDA_HOME = cuda_home  # torch's guess is wrong for an nvcc wrapper script
     cflags = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fvisibility=hidden"]
     extra = {}
     if with_cuda:
@@ -182,6 +223,9 @@ def why_not(device_type: str) -> str | None:
     reason = load()
     if reason is not None:
         return reason
+    if device_type == "cuda" and not torch.cuda.is_available():
+        # built with its CUDA kernels or not, they cannot run without a GPU (or the driver torch needs)
+        return "no CUDA GPU is available to torch (torch.cuda.is_available() is False)"
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     if key is None:
         return f"the compiled extension has no kernels for {device_type} tensors (only cpu and cuda)"

@@ -269,6 +269,57 @@ def test_why_not_cuda_gives_reason():
 
 
 @needs_ext
+def test_why_not_cuda_asks_torch_for_a_gpu(monkeypatch):
+    """Even a build with CUDA kernels cannot serve CUDA tensors without a GPU: torch decides."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    reason = _ext.why_not("cuda")
+    assert reason is not None and "is_available" in reason
+    assert _ext.why_not("cpu") is None
+
+
+def _setup_helpers():
+    """setup.py's functions, without running setup()."""
+    root = Path(__file__).resolve().parent.parent
+    src = (root / "setup.py").read_text()
+    ns = {"__file__": str(root / "setup.py"), "__name__": "fastmask_setup_helpers"}
+    exec(compile(src[:src.index("ext_modules, cmdclass = _extensions()")], str(root / "setup.py"), "exec"), ns)
+    return ns
+
+
+def test_setup_finds_the_toolkit_behind_an_nvcc_wrapper(tmp_path, monkeypatch):
+    """A /usr/local/bin/nvcc-style wrapper script: torch would take its parent directory as
+    CUDA_HOME (no cuda_runtime.h there); setup.py asks nvcc where it runs from. An explicit
+    CUDA_HOME is taken as given; the default archs are reduced to what that nvcc supports."""
+    kit = tmp_path / "cuda-13.0"
+    (kit / "include").mkdir(parents=True)
+    (kit / "include" / "cuda_runtime.h").write_text("")
+    (kit / "bin").mkdir()
+    real = kit / "bin" / "nvcc"
+    real.write_text("#!/bin/sh\n"
+                    'if [ "$1" = "--list-gpu-arch" ]; then printf "compute_75\\ncompute_80\\ncompute_90\\n"; exit 0; fi\n'
+                    f"echo '#$ TOP={kit}/bin/..'\n")
+    wrappers = tmp_path / "wrapbin"
+    wrappers.mkdir()
+    (wrappers / "nvcc").write_text(f'#!/bin/sh\nexec {real} "$@"\n')
+    for f in (real, wrappers / "nvcc"):
+        f.chmod(0o755)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.delenv("FASTMASK_CUDA_ARCHS", raising=False)
+    monkeypatch.setenv("PATH", str(wrappers) + os.pathsep + os.environ.get("PATH", ""))
+    ns = _setup_helpers()
+    home, rejected = ns["find_cuda_home"]("13.0")
+    assert home is not None and Path(home).resolve() == kit.resolve(), (home, rejected)
+    assert "has no include/cuda_runtime.h" in rejected[0]
+    assert ns["_cuda_archs"](str(real)) == ["80", "90+PTX"]  # 100 and 120 unknown to this nvcc
+    monkeypatch.setenv("FASTMASK_CUDA_ARCHS", "86;89")
+    assert ns["_cuda_archs"](str(real)) == ["86", "89"]
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    home, rejected = ns["find_cuda_home"]("13.0")
+    assert home is None and "CUDA_HOME" in rejected[0] and "cuda_runtime.h" in rejected[0]
+
+
+@needs_ext
 def test_version_mismatch_falls_back_with_warning(tmp_path):
     pkg = Path(fastmask.__file__).resolve().parent
     dst = tmp_path / "fastmask"
