@@ -319,6 +319,25 @@ def test_setup_finds_the_toolkit_behind_an_nvcc_wrapper(tmp_path, monkeypatch):
     assert home is None and "CUDA_HOME" in rejected[0] and "cuda_runtime.h" in rejected[0]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: scripts/gpu_check.sh would run")
+@pytest.mark.parametrize("python", ["this", "auto"])
+def test_gpu_check_fails_fast_without_gpu(tmp_path, python):
+    """scripts/gpu_check.sh on a machine without a GPU stops before building or running anything:
+    exit 2, one line on stderr saying why, no output folder."""
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "OUT")}
+    env["OUT"] = str(tmp_path / "out")
+    if python == "this":
+        env["PYTHON"] = sys.executable
+    run = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh")], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=120)
+    assert run.returncode == 2, (run.returncode, run.stdout, run.stderr)
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpu_check: FAILED before running anything: "), run.stderr
+    assert "GPU" in lines[0] or "CUDA" in lines[0] or "torch" in lines[0], lines[0]
+    assert run.stdout == "" and not (tmp_path / "out").exists()
+
+
 @needs_ext
 def test_version_mismatch_falls_back_with_warning(tmp_path):
     pkg = Path(fastmask.__file__).resolve().parent
