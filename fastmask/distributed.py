@@ -14,6 +14,11 @@ not initialized, so single-process code needs no branches.
 - :class:`MaskedAllreduceState` and :func:`masked_allreduce_hook`: a DDP communication hook that
   all-reduces only the selected entries of masked gradients (plus the dense gradients), in one
   compact buffer per bucket.
+- FSDP2 (``fully_shard``): :func:`row_shards` says which rows of a DTensor parameter (``Shard(0)``
+  on a 1-D mesh, or replicated) this rank holds, :func:`chunk_bounds` gives DTensor's own
+  (``torch.chunk``) split of a length, and :func:`exchange` moves a 1-D array split one way over
+  the ranks into another split (one ``all_to_all_single``). ``MaskedAdamW`` builds its per-shard
+  compact state and its DCP-compatible state dicts on these.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ from . import ops
 __all__ = [
     "all_reduce_scores", "mask_fingerprint", "verify_same_masks", "MaskMismatchError",
     "MaskedAllreduceState", "masked_allreduce_hook", "resolve_group",
+    "RowShards", "row_shards", "is_dtensor", "chunk_bounds", "exchange",
 ]
 
 _DENSE = -1  # "selected entries" of a dense parameter in fingerprints and messages
@@ -442,3 +448,139 @@ if torch.distributed.is_available():
         "state": MaskedAllreduceState, "bucket": torch.distributed.GradBucket,
         "return": torch.futures.Future[torch.Tensor],
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# D. FSDP2: DTensor parameters sharded by rows
+# ------------------------------------------------------------------------------------------------
+_DTENSOR: list[type] = []  # the DTensor class, once looked up (none where torch.distributed is absent)
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (False where DTensor does not exist)."""
+    if not _DTENSOR:
+        if not torch.distributed.is_available():
+            return False
+        from torch.distributed.tensor import DTensor
+
+        _DTENSOR.append(DTensor)
+    return isinstance(t, _DTENSOR[0])
+
+
+def chunk_bounds(n: int, world: int) -> list[int]:
+    """``world + 1`` boundaries of DTensor's ``Shard(0)`` split of ``n`` items over ``world`` ranks
+    (``torch.chunk``'s: ``ceil(n / world)`` per rank, the last ranks get fewer or none); rank ``r``
+    holds ``[bounds[r], bounds[r + 1])``. FSDP2 splits parameter rows the same way."""
+    from torch.distributed.tensor import Shard
+
+    out = [0]
+    for r in range(world):
+        size, offset = Shard.local_shard_size_and_offset(n, world, r)
+        out.append(int(offset) + int(size))
+    return out
+
+
+@dataclass(frozen=True)
+class RowShards:
+    """How a parameter's rows (dim 0) are split over the ranks of a 1-D device mesh.
+
+    ``world == 1`` means this rank holds the whole tensor (a plain tensor, a replicated DTensor, or
+    a mesh of one rank). Otherwise rank ``r`` (its coordinate on the mesh) holds rows
+    ``[row_bounds[r], row_bounds[r + 1])``, i.e. the flat entries ``[flat_bounds[r],
+    flat_bounds[r + 1])`` of ``param.reshape(-1)``, and its local tensor's flat index ``j`` is the
+    global flat index ``flat_bounds[r] + j``.
+    """
+
+    world: int
+    coord: int
+    row_bounds: tuple[int, ...]
+    row_numel: int
+
+    @property
+    def flat_bounds(self) -> list[int]:
+        return [b * self.row_numel for b in self.row_bounds]
+
+    @property
+    def flat_lo(self) -> int:
+        return self.row_bounds[self.coord] * self.row_numel
+
+
+def row_shards(p: torch.Tensor, name: str = "parameter") -> RowShards | None:
+    """The row split of a DTensor parameter, or ``None`` for a plain tensor.
+
+    Supported: ``Shard(0)`` on a 1-D mesh (FSDP2's ``fully_shard``, even or uneven: DTensor's
+    ``torch.chunk`` layout, the local tensor being this rank's rows without FSDP2's padding) and
+    ``Replicate()`` (each rank holds, and steps, the whole tensor). Anything else (``Shard(1)``,
+    ``Partial``, 2-D meshes such as HSDP or FSDP + TP, strided shards) raises
+    ``NotImplementedError`` naming the parameter: the selected entries of such a shard are not a
+    contiguous part of the mask, and their state would need another layout.
+    """
+    if not is_dtensor(p):
+        return None
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    mesh, placements = p.device_mesh, tuple(p.placements)
+    supported = "Shard(0) over a 1-D device mesh (FSDP2's fully_shard) or Replicate()"
+    if mesh.ndim != 1 or len(placements) != 1:
+        raise NotImplementedError(
+            f"{name} is a DTensor on a {mesh.ndim}-D device mesh with placements {placements}; a masked "
+            f"DTensor parameter must be placed as {supported} (HSDP and FSDP + TP meshes are not supported)")
+    pl = placements[0]
+    shape = tuple(p.shape)
+    if isinstance(pl, Replicate) or (type(pl) is Shard and pl.dim == 0 and mesh.size() == 1):
+        return RowShards(1, 0, (0, shape[0] if shape else 1), math.prod(shape[1:]))
+    if type(pl) is not Shard or pl.dim != 0 or not shape:
+        raise NotImplementedError(f"{name} is a DTensor placed as {pl!r} on its mesh; a masked DTensor parameter "
+                                  f"must be placed as {supported}")
+    coord = mesh.get_local_rank()
+    world = mesh.size()
+    bounds = tuple(chunk_bounds(shape[0], world))
+    local_shape, offset = compute_local_shape_and_global_offset(p.shape, mesh, placements)
+    local = p.to_local()
+    expected = (bounds[coord + 1] - bounds[coord], *shape[1:])
+    if tuple(local_shape) != expected or tuple(local.shape) != expected or int(offset[0]) != bounds[coord]:
+        raise NotImplementedError(
+            f"{name}: this rank's shard has shape {tuple(local.shape)} at row {int(offset[0])}, not the "
+            f"torch.chunk split of {shape[0]} rows over {world} ranks (rows {bounds[coord]}:{bounds[coord + 1]})")
+    return RowShards(world, coord, bounds, math.prod(shape[1:]))
+
+
+def exchange(local: torch.Tensor, have: Sequence[int], want: Sequence[int], mesh: Any) -> torch.Tensor:
+    """Re-split a 1-D array over the ranks of a 1-D device mesh; returns this rank's new part.
+
+    The array has ``have[-1] == want[-1]`` items; the rank at mesh coordinate ``c`` holds
+    ``[have[c], have[c + 1])`` (``local``) and receives ``[want[c], want[c + 1])``. Both splits
+    must be known on every rank. One ``all_to_all_single`` on the mesh's group (none when the array
+    is empty); collective: every rank of the mesh must call it, in the same order.
+    """
+    dist = _dist()
+    if have[-1] != want[-1] or len(have) != len(want):
+        raise ValueError(f"exchange: splits of different arrays ({list(have)} and {list(want)})")
+    coord = mesh.get_local_rank()
+    if local.dim() != 1 or local.numel() != have[coord + 1] - have[coord]:
+        raise ValueError(f"exchange: this rank holds {tuple(local.shape)}, expected ({have[coord + 1] - have[coord]},)")
+    out = local.new_empty(want[coord + 1] - want[coord])
+    if want[-1] == 0:
+        return out
+    group = mesh.get_group()
+    world = len(have) - 1
+    # all_to_all_single orders the pieces by group rank, which need not be the mesh coordinate
+    ranks = [int(r) for r in mesh.mesh.reshape(-1).tolist()]
+    order = sorted(range(world), key=lambda c: dist.get_group_rank(group, ranks[c]))
+
+    def overlap(a0, a1, b0, b1):
+        lo, hi = max(a0, b0), min(a1, b1)
+        return (lo, hi) if hi > lo else (a0, a0)
+
+    send = [overlap(have[coord], have[coord + 1], want[c], want[c + 1]) for c in order]
+    recv = [overlap(want[coord], want[coord + 1], have[c], have[c + 1]) for c in order]
+    src = local.contiguous()
+    send_buf = torch.cat([src[a - have[coord]: b - have[coord]] for a, b in send]) if send else src
+    recv_buf = local.new_empty(out.numel())
+    dist.all_to_all_single(recv_buf, send_buf, [b - a for a, b in recv], [b - a for a, b in send], group=group)
+    pos = 0
+    for a, b in recv:  # each piece to its place (in coordinate order the pieces are already in place)
+        out[a - want[coord]: b - want[coord]].copy_(recv_buf[pos: pos + b - a])
+        pos += b - a
+    return out
