@@ -23,6 +23,24 @@ ranks of ``process_group`` (one small collective per mask change, never per step
 Every step is validated as a whole before anything is written: a step that raises leaves
 parameters and state as they were (likewise :meth:`MaskedAdamW.load_state_dict` and
 :meth:`MaskedAdamW.set_masks`).
+
+FSDP2 (``fully_shard``: DTensor parameters sharded ``Shard(0)`` over a 1-D mesh, possibly
+unevenly). Masks stay global (flat indices into the whole parameter, the same on every rank).
+Because a mask is sorted and a rank holds a contiguous range of rows, the selected entries inside
+rank ``r``'s rows ``[r0, r1)`` are one contiguous part ``mask[b_r:b_{r+1}]`` of the mask; the rank
+keeps compact state for that part only, and steps it with the masked op on ``p.to_local()`` and
+``p.grad.to_local()`` at the local flat indices ``i - r0 * row_numel``, without communication.
+So the compact arrays are a split of the single-process compact array, with per-rank lengths set by
+the mask, not by DTensor's ``torch.chunk`` rule. DTensor cannot describe such a split
+(``from_local(..., shape=...)`` with these lengths gives DTensors whose ``full_tensor()`` fails and
+that ``dcp.save`` refuses), and plain per-rank tensors are worse: DCP takes a plain tensor for a
+replica and saves rank 0's only, so the other ranks would load rank 0's state. ``state_dict()``
+therefore re-splits each compact array into DTensor's own layout (one ``all_to_all_single``) and
+returns DTensors of the whole compact array: sharded DCP checkpoints, ``full_state_dict=True``
+(which then equals the single-process state dict), and loading into another number of ranks all
+work with PyTorch's own machinery, at the cost of ``state_dict()``/``load_state_dict()`` being
+collective for such optimizers (as ``get_optimizer_state_dict`` is anyway). See
+:meth:`MaskedAdamW.state_dict`.
 """
 from __future__ import annotations
 
@@ -44,22 +62,65 @@ _SCORE_MODES = ops.SCORE_MODES
 _MASKED_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
+@dataclass(frozen=True)
+class _Local:
+    """Which selected entries of a masked parameter this rank holds and steps: all of them, unless the
+    parameter is a DTensor sharded by rows (FSDP2), whose rank ``r`` holds the part
+    ``mask[bounds[r]:bounds[r + 1]]`` of the (sorted, global) mask that falls in its rows."""
+
+    rows: _dist.RowShards | None  # None: a plain tensor
+    bounds: tuple[int, ...]  # world + 1 positions in the mask
+
+    @property
+    def sharded(self) -> bool:
+        return self.rows is not None and self.rows.world > 1
+
+    @property
+    def lo(self) -> int:
+        return self.bounds[self.rows.coord] if self.sharded else 0  # type: ignore[union-attr]
+
+    @property
+    def hi(self) -> int:
+        return self.bounds[self.rows.coord + 1] if self.sharded else self.bounds[-1]  # type: ignore[union-attr]
+
+
+def _local_part(p: torch.Tensor, idx: torch.Tensor, name: str) -> _Local:
+    rows = _dist.row_shards(p, name)
+    if rows is None or rows.world == 1:
+        return _Local(rows, (0, idx.numel()))
+    flat = torch.tensor(rows.flat_bounds, dtype=torch.int64, device=idx.device)
+    bounds = torch.searchsorted(idx.to(torch.int64), flat).tolist()  # once per mask change
+    bounds[0], bounds[-1] = 0, idx.numel()
+    return _Local(rows, tuple(int(b) for b in bounds))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (a view that writes through), or the tensor itself."""
+    return t.to_local() if _dist.is_dtensor(t) else t
+
+
 @dataclass
 class _Bucket:
     """Compact state of the masked params of one group that share a device and dtype."""
 
     group: int
     params: list[nn.Parameter]
-    offsets: list[int]  # host, len(params) + 1, in kernel entries (2 per selected entry if complex)
-    mask_offsets: list[int]  # host, len(params) + 1, in selected entries
-    idx: torch.Tensor  # int32 [K]: the masks (flat indices into each param)
-    kidx: torch.Tensor  # int32 [K or 2K]: what the op steps (idx, or 2i, 2i+1 for complex params)
+    offsets: list[int]  # host, len(params) + 1, in this rank's kernel entries (2 per selected entry if complex)
+    mask_offsets: list[int]  # host, len(params) + 1, in selected entries of the (global) masks
+    idx: torch.Tensor  # int32 [K]: the masks (flat indices into each whole param)
+    kidx: torch.Tensor  # int32 [k or 2k]: what the op steps in this rank's tensors (idx, or 2i, 2i+1 for complex)
     exp_avg: torch.Tensor  # [K or 2K]
     exp_avg_sq: torch.Tensor
     max_exp_avg_sq: torch.Tensor | None  # amsgrad only
     steps: torch.Tensor  # fp32 [T], on the params' device
-    scores: list[torch.Tensor] | None  # fp32 full shape, track_scores only
+    scores: list[torch.Tensor] | None  # fp32, the shape of this rank's tensor, track_scores only
     is_complex: bool = False
+    parts: list[_Local] | None = None  # per param; None: every param is whole on this rank
+
+    def part(self, t: int) -> _Local:
+        if self.parts is not None:
+            return self.parts[t]
+        return _Local(None, (0, self.mask_offsets[t + 1] - self.mask_offsets[t]))
 
 
 def _runs(flags: list[bool]) -> list[tuple[int, int]]:
@@ -149,6 +210,27 @@ class MaskedAdamW(torch.optim.Optimizer):
             group's timeout. ``False``: no check and no collective (e.g. an optimizer built on
             one rank only, or masks that differ on purpose; the sparse DDP hook needs equal masks).
 
+    **FSDP2** (``torch.distributed.fsdp.fully_shard``): parameters may be DTensors. A masked one must
+    be sharded ``Shard(0)`` over a 1-D device mesh (evenly or not) or replicated; other placements
+    (``Shard(1)``, 2-D meshes as in HSDP or FSDP + TP) raise ``NotImplementedError`` naming it.
+    Masks stay global: ``masks=``, :attr:`masks` and the state dict's ``mask_indices`` are flat
+    indices into the whole parameter, and the mask check compares them across ranks. Each rank
+    keeps compact state only for the selected entries inside its own rows (``state[p]``'s
+    ``exp_avg``/``exp_avg_sq`` hold those; its ``mask_indices`` the whole mask) and steps them on
+    ``p.to_local()``, without communication. Dense DTensor parameters are stepped by torch's AdamW
+    functional as ``torch.optim.AdamW`` steps them. :meth:`state_dict` and :meth:`load_state_dict`
+    work with ``torch.distributed.checkpoint`` (``get_optimizer_state_dict``/``dcp.save``/
+    ``dcp.load``/``set_optimizer_state_dict``, sharded or ``full_state_dict=True``) and are
+    collective calls for such parameters. Build the optimizer after ``fully_shard``.
+
+    While the optimizer has masks, every trainable dense parameter has state from the start: the
+    fresh state (zeros, step 0) its first step would create, so steps are unchanged.
+    ``torch.distributed.checkpoint``'s state-dict helpers create missing state (by a zero-gradient
+    step) only for an optimizer whose ``state`` is empty, which a masked optimizer's never is;
+    without this, a checkpoint template would list no state for those parameters and
+    ``set_optimizer_state_dict`` would refuse it (or, with ``flatten_optimizer_state_dict=True``,
+    silently load none).
+
     ``lr`` may be a tensor (kept as is, so compiled steps need not recompile; a CPU tensor lr is
     checked on every step, a device one when the optimizer is built, to avoid a host sync).
     Works with LR schedulers, closures and ``torch.amp.GradScaler`` (``scaler.step(opt)`` hands
@@ -218,6 +300,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         # GradScaler passes grad_scale/found_inf to step() instead of unscaling and syncing.
         self._step_supports_amp_scaling = True
         self._set_masks(masks if masks is not None else {}, model, "MaskedAdamW()")
+        self._init_missing_dense_state()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As ``torch.optim.Optimizer.add_param_group``; a parameter listed twice is an error."""
@@ -284,6 +367,7 @@ class MaskedAdamW(torch.optim.Optimizer):
             if p.is_complex() and self.track_scores:
                 raise TypeError(f"{what}: parameter {self._name(p, names)} is complex; track_scores supports "
                                 "real parameters only")
+            _dist.row_shards(p, f"{what}: parameter {self._name(p, names)}")  # a placement it can step, or raise
             check_indices(idx, p.numel(), f"{what}[{self._name(p, names)}]")
             checked[p] = idx.to(device=p.device, dtype=torch.int32)
         return checked
@@ -297,20 +381,25 @@ class MaskedAdamW(torch.optim.Optimizer):
                 if p in checked:
                     keyed.setdefault((p.device, p.dtype), []).append(p)
             for (device, dtype), params in keyed.items():
-                buckets.append(self._make_bucket(gi, device, dtype, params, [checked[p] for p in params]))
+                parts = [_local_part(p, checked[p], self._name(p)) for p in params]
+                buckets.append(self._make_bucket(gi, device, dtype, params, [checked[p] for p in params], parts))
         return buckets
 
     def _make_bucket(self, gi: int, device: torch.device, dtype: torch.dtype, params: list[nn.Parameter],
-                     idxs: list[torch.Tensor]) -> _Bucket:
+                     idxs: list[torch.Tensor], parts: list[_Local]) -> _Bucket:
         is_complex = dtype.is_complex
         per = 2 if is_complex else 1
-        mask_offsets = [0]
-        for i in idxs:
+        mask_offsets, offsets = [0], [0]
+        for i, part in zip(idxs, parts):
             mask_offsets.append(mask_offsets[-1] + i.numel())
-        offsets = [per * o for o in mask_offsets]
+            offsets.append(offsets[-1] + per * (part.hi - part.lo))
         idx = torch.cat(idxs) if idxs else torch.empty(0, dtype=torch.int32, device=device)
+        # This rank's entries, as flat indices into its local tensors (the whole mask unless sharded).
+        local = [i[part.lo:part.hi] - part.rows.flat_lo if part.sharded else i  # type: ignore[union-attr]
+                 for i, part in zip(idxs, parts)]
+        lidx = (torch.cat(local) if any(part.sharded for part in parts) else idx) if idxs else idx
         # view_as_real(p).reshape(-1)[2i + c] is the real (c=0) or imaginary (c=1) part of entry i.
-        kidx = (torch.stack([2 * idx, 2 * idx + 1], dim=1).reshape(-1) if is_complex else idx)
+        kidx = (torch.stack([2 * lidx, 2 * lidx + 1], dim=1).reshape(-1) if is_complex else lidx)
         k = offsets[-1]
         sdt = ops.state_dtype(_real_dtype(dtype))
         amsgrad = self.param_groups[gi]["amsgrad"]
@@ -320,9 +409,10 @@ class MaskedAdamW(torch.optim.Optimizer):
             exp_avg_sq=torch.zeros(k, dtype=sdt, device=device),
             max_exp_avg_sq=torch.zeros(k, dtype=sdt, device=device) if amsgrad else None,
             steps=torch.zeros(len(params), dtype=torch.float32, device=device),
-            scores=[torch.zeros(p.shape, dtype=torch.float32, device=device) for p in params]
+            scores=[torch.zeros(_local(p).shape, dtype=torch.float32, device=device) for p in params]
             if self.track_scores else None,
             is_complex=is_complex,
+            parts=parts if any(part.rows is not None for part in parts) else None,
         )
 
     @staticmethod
@@ -425,7 +515,9 @@ class MaskedAdamW(torch.optim.Optimizer):
         """Scores tracked since :meth:`set_masks` (``track_scores``), by parameter name.
 
         For ``"grad"`` the magnitude of the signed sum is returned, as :func:`fastmask.score` does.
-        Feed the result to :func:`fastmask.select` to pick the next task's masks.
+        Feed the result to :func:`fastmask.select` to pick the next task's masks. For a DTensor
+        parameter (FSDP2) the score is a DTensor placed like the parameter (its gradients were
+        already reduced across ranks): ``.full_tensor()`` gathers it for ``select``.
         """
         if not self.track_scores:
             raise RuntimeError("scores: construct the optimizer with track_scores='grad'|'abs'|'fisher'")
@@ -436,8 +528,19 @@ class MaskedAdamW(torch.optim.Optimizer):
                     raise RuntimeError(
                         "scores: parameter names are unknown; pass model= (or named parameters) to the optimizer"
                     )
-                out[self._names[p]] = s.abs() if self.track_scores == "grad" else s.clone()
+                s = s.abs() if self.track_scores == "grad" else s.clone()
+                out[self._names[p]] = self._like_param(s, p)
         return out
+
+    @staticmethod
+    def _like_param(local: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """``local`` (the shape of this rank's part of ``p``) as a DTensor placed like ``p``."""
+        if not _dist.is_dtensor(p):
+            return local
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                  stride=torch.empty(p.shape, device="meta").stride())
 
     # ------------------------------------------------------------------------------------------
     # pickling / deepcopy: the compact buffers travel, the state views are rebuilt from them
@@ -533,6 +636,20 @@ class MaskedAdamW(torch.optim.Optimizer):
             if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
                 raise ValueError(f"grad of {self._name(p)}: expected {p.dtype} {tuple(p.shape)} on {p.device} like "
                                  f"the parameter, got {g.dtype} {tuple(g.shape)} on {g.device}")
+            if _dist.is_dtensor(p) or _dist.is_dtensor(g):
+                self._check_dtensor_grad(p, g)
+
+    def _check_dtensor_grad(self, p: torch.Tensor, g: torch.Tensor) -> None:
+        """A DTensor parameter's gradient is a DTensor placed like it (FSDP2 reduce-scatters it so)."""
+        if not (_dist.is_dtensor(p) and _dist.is_dtensor(g)):
+            kind = lambda t: "a DTensor" if _dist.is_dtensor(t) else "a plain tensor"  # noqa: E731
+            raise ValueError(f"grad of {self._name(p)}: the parameter is {kind(p)} but its gradient is {kind(g)}")
+        if g.device_mesh != p.device_mesh or tuple(g.placements) != tuple(p.placements):
+            raise ValueError(f"grad of {self._name(p)}: placed as {tuple(g.placements)} on {g.device_mesh}, but the "
+                             f"parameter is placed as {tuple(p.placements)} on {p.device_mesh}")
+        if p in self._mask_of and g.to_local().shape != p.to_local().shape:
+            raise ValueError(f"grad of {self._name(p)}: this rank holds {tuple(g.to_local().shape)} of the gradient "
+                             f"but {tuple(p.to_local().shape)} of the parameter")
 
     def _plan_bucket(self, b: _Bucket, group: dict, grad_scale, found_inf) -> list[Callable[[], None]]:
         active = [p.grad is not None for p in b.params]
@@ -556,8 +673,9 @@ class MaskedAdamW(torch.optim.Optimizer):
                 return t if (whole or t is None) else t[lo:hi]
 
             params = b.params[a:e]
+            tensors = [_local(p) for p in params]  # this rank's rows of an FSDP2 parameter
             call = dict(
-                params=[_real(p) for p in params], grads=[_real(p.grad) for p in params], idx=part(b.kidx),
+                params=[_real(t) for t in tensors], grads=[_real(_local(p.grad)) for p in params], idx=part(b.kidx),
                 exp_avg=part(b.exp_avg), exp_avg_sq=part(b.exp_avg_sq), offsets=[o - lo for o in b.offsets[a : e + 1]],
                 steps=b.steps if whole else b.steps[a:e], lr=lr_t, beta1=beta1, beta2=beta2, eps=group["eps"],
                 # The original code's dense AdamW decays every entry: the whole tensor is decayed
@@ -572,10 +690,10 @@ class MaskedAdamW(torch.optim.Optimizer):
                 names = ", ".join(self._name(p) for p in params)
                 raise type(exc)(f"{exc} (masked parameters {names})") from exc
 
-            def run(call=call, params=params):
+            def run(call=call, tensors=tensors):
                 call["steps"].add_(1)
                 if decay_all:
-                    torch._foreach_mul_(params, self._decay_factor(group, device, found_inf))
+                    torch._foreach_mul_(tensors, self._decay_factor(group, device, found_inf))
                 ops.masked_adamw_step_(**call)
                 if found_inf is not None:
                     call["steps"].sub_(found_inf.reshape(()))
@@ -632,19 +750,36 @@ class MaskedAdamW(torch.optim.Optimizer):
                                      f"{tuple(p.shape)}")
         return [lambda: self._step_dense(group, params, grad_scale, found_inf)]
 
-    def _init_dense_state(self, group: dict, p: torch.Tensor) -> dict:
-        from torch.optim.optimizer import _get_scalar_dtype
+    def _init_missing_dense_state(self) -> None:
+        """While there are masks, give every trainable dense parameter without state its fresh
+        state now (zeros, step 0: what its first step would create; see the class docstring)."""
+        if not self._mask_of:
+            return
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and p not in self._mask_of and not self.state.get(p):
+                    self._init_dense_state(group, p)
 
+    def _init_dense_state(self, group: dict, p: torch.Tensor) -> dict:
         state = self.state[p]
         if not state:
-            # As torch.optim.Adam: the step lives on the CPU unless capturable or fused.
-            state["step"] = (
-                torch.zeros((), dtype=_get_scalar_dtype(is_fused=group["fused"]), device=p.device)
-                if group["capturable"] or group["fused"] else torch.tensor(0.0, dtype=_get_scalar_dtype())
-            )
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state.update(self._fresh_dense_state(group, p))
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    @staticmethod
+    def _fresh_dense_state(group: dict, p: torch.Tensor) -> dict:
+        from torch.optim.optimizer import _get_scalar_dtype
+
+        # As torch.optim.Adam: the step lives on the CPU unless capturable or fused.
+        state = {
+            "step": torch.zeros((), dtype=_get_scalar_dtype(is_fused=group["fused"]), device=p.device)
+            if group["capturable"] or group["fused"] else torch.tensor(0.0, dtype=_get_scalar_dtype()),
+            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+        }
+        if group["amsgrad"]:
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
@@ -689,6 +824,86 @@ class MaskedAdamW(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------------------
     # state_dict
     # ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """As ``torch.optim.Optimizer.state_dict()``; every state entry is a tensor.
+
+        A masked parameter's entry holds ``step``, ``exp_avg`` and ``exp_avg_sq`` (and
+        ``max_exp_avg_sq``, ``scores`` when used), ``mask_indices`` (the whole mask: flat indices
+        into the whole parameter) and ``param_shape``. The compact arrays hold one entry per
+        selected entry in the mask's order (two, real and imaginary, for a complex parameter).
+
+        While the optimizer has masks, a trainable dense parameter without state (after
+        ``set_masks`` or ``add_param_group``, before its first step) first gets the fresh state its
+        first step would create (see the class docstring), so the state dict lists every
+        trainable parameter.
+
+        **FSDP2** (masked DTensor parameters sharded by rows): each rank's compact arrays hold the
+        selected entries inside its own rows, so their lengths differ per rank and match no
+        layout DTensor or DCP can describe (DTensor shards a length in ``torch.chunk``'s way).
+        ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq`` are therefore returned as DTensors of the
+        *whole* compact array (the length of the mask, exactly what one process would save),
+        sharded ``Shard(0)`` in DTensor's own layout over the parameter's mesh: one
+        ``all_to_all_single`` per array moves the entries between the two splits. ``scores`` is a
+        DTensor placed like the parameter; ``mask_indices``, ``param_shape`` and ``step`` are
+        plain tensors, equal on every rank. ``dcp.save`` then writes each compact entry once,
+        ``get_optimizer_state_dict(..., full_state_dict=True)`` gathers exactly the
+        single-process state dict, and a checkpoint loads into any number of ranks (or one
+        process). With such parameters this method is a **collective** call over their mesh:
+        every rank must call it, as every rank calls ``get_optimizer_state_dict``.
+        """
+        self._init_missing_dense_state()
+        entries = {b.params[t]: self._sharded_entry(b, t)  # collective
+                   for b in self._buckets for t in range(len(b.params)) if b.part(t).sharded}
+        if not entries:
+            return super().state_dict()
+        kept = {p: self.state[p] for p in entries}
+        try:
+            self.state.update(entries)  # what super() packs (and its hooks see)
+            return super().state_dict()
+        finally:
+            self.state.update(kept)
+
+    def _sharded_entry(self, b: _Bucket, t: int) -> dict[str, Any]:
+        """The state-dict entry of a masked parameter sharded by rows (see :meth:`state_dict`)."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        p, part = b.params[t], b.part(t)
+        per = 2 if b.is_complex else 1
+        n = per * (b.mask_offsets[t + 1] - b.mask_offsets[t])
+        have = [per * x for x in part.bounds]
+        want = _dist.chunk_bounds(n, part.rows.world)  # type: ignore[union-attr]
+        entry = dict(self.state[p])
+        for key in _MASKED_KEYS:
+            if key in entry:
+                mine = _dist.exchange(entry[key], have, want, p.device_mesh)
+                entry[key] = DTensor.from_local(mine, p.device_mesh, [Shard(0)], run_check=False, shape=(n,),
+                                                stride=(1,))
+        if "scores" in entry:
+            entry["scores"] = self._like_param(entry["scores"], p)
+        return entry
+
+    def _shard_meshes(self) -> list[Any]:
+        """The meshes over which :meth:`load_state_dict` must act together: those of the masked
+        parameters sharded by rows or, while nothing is masked (masks may be adopted), of every
+        parameter sharded by rows."""
+        if self._mask_of:
+            params = [b.params[t] for b in self._buckets for t in range(len(b.params)) if b.part(t).sharded]
+        else:
+            params = []
+            for g in self.param_groups:
+                for p in g["params"]:
+                    try:
+                        rows = _dist.row_shards(p)
+                    except NotImplementedError:
+                        continue  # cannot be masked: nothing to adopt for it
+                    if rows is not None and rows.world > 1:
+                        params.append(p)
+        meshes: list[Any] = []
+        for p in params:
+            if p.device_mesh not in meshes:
+                meshes.append(p.device_mesh)
+        return meshes
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by ``state_dict()``; checks everything before changing anything.
 
@@ -701,26 +916,96 @@ class MaskedAdamW(torch.optim.Optimizer):
         Under an initialized process group, loading into an optimizer without masks (the only case
         that can adopt masks) is a collective call that checks every rank ends with the same masks
         (see ``verify_masks``); an optimizer with masks keeps them and loads locally.
+
+        **FSDP2**: masked parameters sharded by rows take their compact state from either form of
+        an entry: the sharded one :meth:`state_dict` makes (DTensors of the whole compact arrays
+        in DTensor's layout, e.g. through ``dcp.load`` and ``set_optimizer_state_dict``; one
+        ``all_to_all_single`` per array), or a whole one (plain tensors: a single-process
+        checkpoint, a ``full_state_dict=True`` one; each rank keeps its part, without
+        communication). Dense DTensor parameters take DTensor state as it is and whole plain
+        tensors sliced to their shard. An optimizer with such parameters (or without masks, while
+        it has parameters sharded by rows) loads collectively over their mesh: one small
+        ``all_gather_object`` first makes every rank raise if any rank refuses its state dict, or
+        if the ranks' state dicts need different exchanges.
         """
-        group = None if self._mask_of else self._mask_group()
-        if group is None:
-            self._load_state_dict(state_dict, None)
-            return
-        verified = False
+        vgroup = None if self._mask_of else self._mask_group()
+        meshes = self._shard_meshes()
+        done: set[str] = set()
+
+        def agree(entries: list[tuple] | None) -> None:
+            done.add("agree")  # a refusal raised by the check itself must not call it again
+            for mesh in meshes:
+                _dist._agree_on(
+                    entries, mesh.get_group(), what="load_state_dict", item="exchanged state entry",
+                    describe=lambda e: f"{e[1]!r} of {e[2]} entries", failed=entries is None,
+                    hint="Every rank must load the same kind of state dict (each rank its part of a sharded one, "
+                    "or the same whole one)")
 
         def verify(masks, names) -> None:
-            nonlocal verified
-            verified = True  # a mismatch raised by the check itself must not call it again
-            self._verify(group, masks, names, "load_state_dict")
+            done.add("verify")
+            if vgroup is not None:
+                self._verify(vgroup, masks, names, "load_state_dict")
 
         try:
-            self._load_state_dict(state_dict, verify)
+            self._load_state_dict(state_dict, agree, verify)
         except BaseException:
-            if not verified:
-                self._verify(group, None, None, "load_state_dict")  # take part, so the others do not hang
+            if meshes and "agree" not in done:
+                agree(None)  # take part, so the others do not hang
+            if vgroup is not None and "verify" not in done:
+                self._verify(vgroup, None, None, "load_state_dict")
             raise
 
-    def _load_state_dict(self, state_dict: dict[str, Any], verify: Callable[..., None] | None) -> None:
+    @staticmethod
+    def _whole(value: Any, what: str) -> Any:
+        """A loaded value that must be whole on this rank: a plain tensor, or a replicated DTensor."""
+        if _dist.is_dtensor(value):
+            if not all(pl.is_replicate() for pl in value.placements):
+                raise ValueError(f"{what} is a DTensor placed as {tuple(value.placements)}; expected a whole tensor "
+                                 "here (load a full state dict, e.g. full_state_dict=True)")
+            return value.to_local()
+        return value
+
+    def _masked_source(self, p: torch.Tensor, part: _Local, per: int, key: str, value: Any, name: str
+                       ) -> tuple[str, Any]:
+        """Where this rank's part of a loaded masked state entry comes from: ``("copy", tensor)``
+        (no communication) or ``("exchange", (local, have, want, mesh))``. Raises if unusable."""
+        what = f"loaded state {key!r} for {name}"
+        if key == "scores":
+            if not part.sharded:
+                return "copy", self._whole(value, what)
+            rows = part.rows
+            if _dist.is_dtensor(value):
+                local = value.to_local()
+                if (value.device_mesh != p.device_mesh or tuple(value.placements) != tuple(p.placements)
+                        or local.shape != _local(p).shape):
+                    raise ValueError(f"{what} is a DTensor placed as {tuple(value.placements)} with local shape "
+                                     f"{tuple(local.shape)}; expected it placed like the parameter")
+                return "copy", local
+            r0, r1 = rows.row_bounds[rows.coord], rows.row_bounds[rows.coord + 1]  # type: ignore[union-attr]
+            return "copy", value[r0:r1]
+        if not part.sharded:
+            return "copy", self._whole(value, what)
+        rows = part.rows
+        coord, world = rows.coord, rows.world  # type: ignore[union-attr]
+        n = value.numel()
+        have = [per * x for x in part.bounds]  # this rank's natural part of the compact array
+        if not _dist.is_dtensor(value):
+            return "copy", value[have[coord]: have[coord + 1]]
+        if all(pl.is_replicate() for pl in value.placements):
+            return "copy", value.to_local()[have[coord]: have[coord + 1]]
+        from torch.distributed.tensor import Shard
+
+        want = _dist.chunk_bounds(n, world)
+        local = value.to_local()
+        if (value.device_mesh != p.device_mesh or tuple(value.placements) != (Shard(0),)
+                or local.shape != (want[coord + 1] - want[coord],)):
+            raise ValueError(f"{what} is a DTensor placed as {tuple(value.placements)} on {value.device_mesh} with "
+                             f"{local.numel()} entries here; expected Shard(0) over the parameter's mesh in DTensor's "
+                             f"layout ({want[coord + 1] - want[coord]} entries here), or a whole tensor")
+        return "exchange", (local, want, have, p.device_mesh)
+
+    def _load_state_dict(self, state_dict: dict[str, Any], agree: Callable[..., None],
+                         verify: Callable[..., None]) -> None:
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             out = pre_hook(self, state_dict)
             if out is not None:
@@ -755,7 +1040,7 @@ class MaskedAdamW(torch.optim.Optimizer):
             if p in self._mask_of:
                 if st is None or "mask_indices" not in st:
                     raise ValueError(f"loaded state has no mask for {name}, which this optimizer masks")
-                saved_idx = torch.as_tensor(st["mask_indices"])
+                saved_idx = torch.as_tensor(self._whole(st["mask_indices"], f"loaded state 'mask_indices' for {name}"))
                 mine = self._mask_of[p]
                 if saved_idx.numel() != mine.numel() or not torch.equal(saved_idx.to(mine.device, torch.int32), mine):
                     raise ValueError(
@@ -767,8 +1052,8 @@ class MaskedAdamW(torch.optim.Optimizer):
                 raise ValueError(f"loaded state has a mask for {name}, which this optimizer updates densely "
                                  "(an optimizer built without any masks adopts the saved ones)")
             elif st is not None and "mask_indices" in st:
-                idx = self._check_masks({p: torch.as_tensor(st["mask_indices"])}, names,
-                                        what="loaded state mask_indices")[p]
+                saved_idx = self._whole(st["mask_indices"], f"loaded state 'mask_indices' for {name}")
+                idx = self._check_masks({p: torch.as_tensor(saved_idx)}, names, what="loaded state mask_indices")[p]
                 adopted[p] = idx
                 self._check_masked_entry(p, st, idx.numel(), name, None)
             elif st is not None:
@@ -781,17 +1066,43 @@ class MaskedAdamW(torch.optim.Optimizer):
                     if tuple(st[key].shape) != tuple(p.shape):
                         raise ValueError(f"loaded state {key!r} for {name} has shape {tuple(st[key].shape)}, "
                                          f"expected {tuple(p.shape)}")
+                    if _dist.is_dtensor(st[key]) and not (
+                            _dist.is_dtensor(p) and st[key].device_mesh == p.device_mesh
+                            and tuple(st[key].placements) == tuple(p.placements)):
+                        where = (f"placed as {tuple(p.placements)}" if _dist.is_dtensor(p) else "a plain tensor")
+                        raise ValueError(f"loaded state {key!r} for {name} is a DTensor placed as "
+                                         f"{tuple(st[key].placements)}, but the parameter is {where}")
                 if "step" in st:
                     self._check_step_value(st["step"], name)
 
-        # 2. Build what changes (new tensors only), then commit.
+        # 2. Build what changes (new tensors only): the adopted masks' buckets, and where each
+        # masked state entry's part on this rank comes from (a plain copy, or an exchange).
         buckets = None
         masks = dict(self._mask_of)
         if adopted:
             masks = {**masks, **adopted}
             buckets = self._build(masks)
-        if verify is not None:
-            verify(masks, names)
+        layout, states = {}, {}
+        for b in buckets if buckets is not None else self._buckets:
+            layout.update({p: (b, t) for t, p in enumerate(b.params)})
+            states.update(self._bucket_states(b) if buckets is not None else {p: self.state[p] for p in b.params})
+        sources: dict[tuple[nn.Parameter, str], tuple[str, Any]] = {}
+        for sid, p in id_map.items():
+            if p not in masks:
+                continue
+            st = saved_state[sid]
+            b, t = layout[p]
+            for key in (*_MASKED_KEYS, "scores"):
+                if key in st and key in states[p]:  # what the commit below copies
+                    sources[(p, key)] = self._masked_source(p, b.part(t), 2 if b.is_complex else 1, key, st[key],
+                                                            self._name(p, names))
+        # 3. Every rank has passed its checks (and needs the same exchanges), the masks agree.
+        agree([(self._name(p, names), key, int(saved_state[sid][key].numel()))
+               for sid, p in id_map.items() for key in (*_MASKED_KEYS, "scores")
+               if sources.get((p, key), ("",))[0] == "exchange"])
+        verify(masks, names)
+        # 4. Exchanges (collective, in the same order on every rank), then commit.
+        parts = {pk: (_dist.exchange(*src) if kind == "exchange" else src) for pk, (kind, src) in sources.items()}
         if buckets is not None:
             self._install(buckets, names)
         else:
@@ -803,7 +1114,7 @@ class MaskedAdamW(torch.optim.Optimizer):
                 mine = self.state[p]
                 for key in ("step", *_MASKED_KEYS, "scores"):
                     if key in mine and key in st:
-                        mine[key].copy_(torch.as_tensor(st[key]))
+                        mine[key].copy_(torch.as_tensor(parts[(p, key)] if (p, key) in parts else st[key]))
             elif st is not None:
                 new = {}
                 for key, value in st.items():
@@ -812,6 +1123,12 @@ class MaskedAdamW(torch.optim.Optimizer):
                         on_device = sg.get("fused") or sg.get("capturable")
                         new[key] = torch.as_tensor(value, dtype=torch.float32).to(
                             p.device if on_device else "cpu").clone()
+                    elif isinstance(value, torch.Tensor) and _dist.is_dtensor(p) and not _dist.is_dtensor(value):
+                        # a whole tensor (a single-process or full checkpoint): each rank keeps its shard
+                        from torch.distributed.tensor import distribute_tensor
+
+                        new[key] = distribute_tensor(value.to(dtype=p.dtype, device=p.device), p.device_mesh,
+                                                     p.placements, src_data_rank=None).clone()
                     elif isinstance(value, torch.Tensor):
                         new[key] = value.to(dtype=p.dtype, device=p.device).clone()
                     else:
