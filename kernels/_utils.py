@@ -170,9 +170,15 @@ class TableCache:
         return _Table(host, table, event, _stream_key(stream))
 
     def _copy_in_capture(self, rows, device) -> torch.Tensor:
-        host = torch.tensor(rows, dtype=torch.int64).pin_memory()
-        with torch.cuda.device(device):
-            table = host.to(device, non_blocking=True)  # captured: replayed before the kernel
+        try:
+            host = torch.tensor(rows, dtype=torch.int64).pin_memory()
+            with torch.cuda.device(device):
+                table = host.to(device, non_blocking=True)  # captured: replayed before the kernel
+        except RuntimeError as exc:  # an older torch whose pinned-memory allocator refuses captures
+            raise RuntimeError(
+                "fastmask (triton): cannot copy the kernel's tensor table inside this CUDA graph capture "
+                f"({exc}); run one eager step with the same tensors, then torch.cuda.synchronize(), then "
+                "another eager step before capturing, so that the capture reuses the table made then") from exc
         self._captured.append((host, table))
         return table
 

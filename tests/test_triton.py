@@ -727,6 +727,9 @@ def test_table_cache_orders_streams_and_keeps_graph_tables(monkeypatch):
 
 gpu_only = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
 GRAPH_BETAS = (0.95, 0.9999)
+# The tensors of the stream and graph tests stay alive for the session: a later test's tensors
+# cannot then reuse their addresses, so its tables never hit a table an earlier test pinned.
+_KEEP_ALIVE = []
 
 
 def _device_step(q, lr, scores=(), grads=None, found_inf=None, count=True):
@@ -773,6 +776,7 @@ def test_table_copy_is_ordered_across_streams():
         with torch.cuda.stream(b):  # deliberately not ordered after a
             _device_step(q, lr, found_inf=go, count=False)  # the same table: must wait for its copy
         torch.cuda.synchronize()
+    _KEEP_ALIVE.append((start, q, ref))
     _assert_same_run(q, ref)
 
 
@@ -830,6 +834,7 @@ def test_cuda_graph_capture_and_replay(table, fused):
             graph.replay()
         torch.cuda.synchronize()
         del junk
+    _KEEP_ALIVE.append((start, grads_seq, ref, ref_scores, out, out_scores, other, graph))
     _assert_same_run(out, ref, out_scores, ref_scores)
 
 
