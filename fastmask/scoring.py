@@ -129,8 +129,13 @@ def score(
             module's). With ``until_nonzero``, every rank scores the same number of batches: extra
             batches go on while any rank still has an entry below the threshold in its own sums
             and every rank still has a batch. With ``accumulate="running-sum"``, each rank's
-            running sums start at its own first batch.
-        all_reduce: ``False`` keeps each rank's own scores (no collective).
+            running sums start at its own first batch. FSDP2 (``fully_shard``) targets are scored
+            from the gradients FSDP2 itself reduce-scatters (the mean over ranks of each step's
+            gradients) and gathered to full-shape tensors on every rank: for ``"grad"`` the same
+            sum as above; for ``"abs"``/``"fisher"`` the statistic of each step's gradient summed
+            over the ranks (as one process scoring the ranks' b-th batches as one batch).
+        all_reduce: ``False`` keeps each rank's own scores (no collective; FSDP2 targets are still
+            reduced by FSDP2 itself).
 
     Returns:
         ``{name: fp32 score tensor of the parameter's shape, on its device}``.
@@ -163,7 +168,12 @@ def score(
     named = _resolve_targets(model, targets)
     if not named:
         raise ValueError("targets: no parameter to score")
-    scores = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in named.items()}
+    from .distributed import is_dtensor
+
+    # FSDP2 (DTensor) targets: each rank accumulates its shard of the reduce-scattered gradients.
+    sharded = [n for n, p in named.items() if is_dtensor(p)]  # ordered: the gathers are collectives
+    scores = {n: torch.zeros((p.to_local() if n in sharded else p).shape, dtype=torch.float32, device=p.device)
+              for n, p in named.items()}
     hits = dict.fromkeys(named, 0)
 
     all_params = list(model.parameters())
@@ -173,7 +183,7 @@ def score(
 
     def make_hook(name: str):
         def hook(p: torch.Tensor) -> None:
-            ops.score_accumulate_([scores[name]], [p.grad], mode)
+            ops.score_accumulate_([scores[name]], [p.grad.to_local() if name in sharded else p.grad], mode)
             hits[name] += 1
             if not running:
                 p.grad = None  # running-sum: autograd adds the next batch's gradient to this one
@@ -248,7 +258,10 @@ def score(
         # A rank without batches still takes part (its sums are zero): the union is what counts.
         if not _any_rank(n_batches > 0, group):
             raise ValueError("batches yielded no batch to score on, on any rank")
-        all_reduce_scores(scores, mode, group)  # signed sums: the magnitude is taken below
+        # signed sums: the magnitude is taken below
+        all_reduce_scores({n: s for n, s in scores.items() if n not in sharded}, mode, group)
+    if sharded:
+        scores.update(_gather_sharded(named, scores, sharded, mode))
     elif n_batches == 0:
         raise ValueError("batches yielded no batch to score on")
     if until_nonzero is not None and n_batches >= max_batches:
@@ -273,6 +286,23 @@ def score(
 
 
 _END = object()  # marks an exhausted iterator
+
+
+def _gather_sharded(named, scores, sharded, mode) -> dict[str, torch.Tensor]:
+    """Full-shape scores of FSDP2 targets from each rank's shard. FSDP2 averaged every gradient
+    over the ranks (reduce-scatter) before it reached the score, so the shards already hold the
+    whole group's statistic of the mean gradient; times the world size, the signed sum ("grad")
+    is the sum of every rank's gradients, as with DDP or one process."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for n in sharded:
+        p = named[n]
+        world = p.device_mesh.size()
+        local = scores[n] * (world * world if mode == "fisher" else world)  # stat(mean) -> stat(sum)
+        out[n] = DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                    stride=p.stride()).full_tensor()
+    return out
 
 
 def _any_rank(flag: bool, group: Any) -> bool:

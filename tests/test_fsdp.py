@@ -25,7 +25,7 @@ import fastmask
 from fastmask import MaskedAdamW, MaskSet
 from fastmask.distributed import MaskMismatchError, is_dtensor
 
-from ._dist import pool_holder, ranks  # noqa: F401 (fixtures)
+from ._dist import WORLD, pool_holder, ranks  # noqa: F401 (fixtures)
 from .utils import assert_close, random_indices
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -563,3 +563,33 @@ def test_tiny_clip_fsdp_matches_one_process(ranks):
                 assert torch.equal(res[r][n].reshape(-1)[~keep], init[n].reshape(-1)[~keep]), f"{n}: unselected moved"
             elif not p.requires_grad:
                 assert torch.equal(res[r][n], init[n]), f"{n}: a frozen parameter moved"
+
+
+# ------------------------------------------------------------------------------------------------
+# (7) fastmask.score on an FSDP2 model: full-shape scores on every rank, equal to one process
+# ------------------------------------------------------------------------------------------------
+SCORE_STEPS = 3
+
+
+def _score_fsdp(rank, world):
+    model = sharded_mlp(mesh_of(world))
+    out = {}
+    for mode in ("grad", "abs", "fisher"):
+        batches = [tuple(half(t, rank, world) for t in batch(s)) for s in range(SCORE_STEPS)]
+        out[mode] = fastmask.score(model, batches, lambda m, b: mse(m, *b), targets=list(MASKED), mode=mode,
+                                   progress=False)
+    return out
+
+
+def test_score_on_fsdp_matches_one_process(ranks):
+    res = ranks.run(_score_fsdp)
+    model = mlp()
+    for mode in ("grad", "abs", "fisher"):
+        # one process, each step's batch = the ranks' halves together (FSDP2 averages their gradients):
+        # the sum over ranks of each step's gradient is WORLD x the full batch's mean-loss gradient
+        want = fastmask.score(model, [batch(s) for s in range(SCORE_STEPS)], lambda m, b: WORLD * mse(m, *b),
+                              targets=list(MASKED), mode=mode, progress=False)
+        for n in MASKED:
+            assert res[0][mode][n].shape == dict(model.named_parameters())[n].shape
+            assert torch.equal(res[0][mode][n], res[1][mode][n]), f"{mode} {n}: ranks differ"
+            assert_close(res[0][mode][n], want[n], rtol=1e-5, atol=1e-6, what=f"{mode} {n} vs one process")
