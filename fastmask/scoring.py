@@ -260,10 +260,10 @@ def score(
             raise ValueError("batches yielded no batch to score on, on any rank")
         # signed sums: the magnitude is taken below
         all_reduce_scores({n: s for n, s in scores.items() if n not in sharded}, mode, group)
-    if sharded:
-        scores.update(_gather_sharded(named, scores, sharded, mode))
     elif n_batches == 0:
         raise ValueError("batches yielded no batch to score on")
+    if sharded:
+        scores.update(_gather_sharded(named, scores, sharded, mode))
     if until_nonzero is not None and n_batches >= max_batches:
         below = _count_below(scores, until_nonzero)
         if below:
