@@ -24,7 +24,8 @@ import torch
 import fastmask
 from fastmask import _ext, backends, ops
 from tests.utils import (
-    BAD_INDEX_VALUES, DTYPES, STEP_TOL, assert_close, make_problem, poisoned_problem, random_indices, tol,
+    BAD_INDEX_VALUES, DTYPES, STEP_TOL, assert_close, assert_steps_never_sync_the_host, make_problem, poisoned_problem,
+    random_indices, tol,
 )
 
 REASON = _ext.why_not("cpu")
@@ -474,40 +475,7 @@ def test_cuda_graph_capture_and_replay():
 def test_cuda_masked_adamw_steps_never_sync_the_host(variant):
     """``torch.cuda.set_sync_debug_mode("error")`` around ``MaskedAdamW`` steps through the CUDA
     kernels: no step after the first (which checks the masks' index buffers) waits for the GPU."""
-    gen = torch.Generator().manual_seed(49)
-    shapes = [(300, 77), (7,), (2048, 5)]
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen).cuda()) for s in shapes]
-    dense = torch.nn.Parameter(torch.randn(5, 3, generator=gen).cuda())
-    masks = {p: random_indices(p.numel(), max(1, p.numel() // 10), gen) for p in params}
-    tensor_lr = variant == "scores-tensor-lr"
-    opt = fastmask.MaskedAdamW([{"params": params}, {"params": [dense]}],
-                               lr=torch.tensor(1e-3, device="cuda") if tensor_lr else 1e-3, weight_decay=0.1,
-                               masks=masks, track_scores="abs" if tensor_lr else None, capturable=tensor_lr)
-    grads = [[torch.randn(p.shape, generator=gen).cuda() for p in params + [dense]] for _ in range(4)]
-    scaler = torch.amp.GradScaler("cuda") if variant == "grad-scaler" else None
-    if scaler is not None:
-        scaler.scale(torch.ones((), device="cuda"))  # initializes the scale on the device
-
-    def step(i):
-        for p, g in zip(params + [dense], grads[i]):
-            p.grad = g.clone()
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-
-    with backends.use("ext"):
-        step(0)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            for i in range(1, 4):
-                step(i)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        torch.cuda.synchronize()
-    assert all(bool(torch.isfinite(p).all()) for p in params)
+    assert_steps_never_sync_the_host("ext", variant, seed=49)
 
 
 @needs_cuda_ext

@@ -27,7 +27,10 @@ except Exception as exc:  # pragma: no cover - depends on the environment
 import fastmask
 from fastmask import backends, ops
 
-from .utils import BAD_INDEX_VALUES, STEP_TOL, assert_close, make_problem, poisoned_problem, random_indices, tol
+from .utils import (
+    BAD_INDEX_VALUES, STEP_TOL, assert_close, assert_steps_never_sync_the_host, make_problem, poisoned_problem,
+    random_indices, tol,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _reason = backends.why_not("triton", DEVICE)
@@ -843,40 +846,7 @@ def test_cuda_graph_capture_and_replay(table, fused):
 def test_masked_adamw_steps_never_sync_the_host(variant):
     """``torch.cuda.set_sync_debug_mode("error")`` around ``MaskedAdamW`` steps through the Triton
     backend: no step after the first (which checks the masks' index buffers) waits for the GPU."""
-    gen = torch.Generator().manual_seed(113)
-    shapes = [(300, 77), (7,), (2048, 5)]
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(DEVICE)) for s in shapes]
-    dense = torch.nn.Parameter(torch.randn(5, 3, generator=gen).to(DEVICE))
-    masks = {p: random_indices(p.numel(), max(1, p.numel() // 10), gen) for p in params}
-    lr = torch.tensor(1e-3, device=DEVICE) if variant == "scores-tensor-lr" else 1e-3
-    opt = fastmask.optim.MaskedAdamW([{"params": params}, {"params": [dense]}], lr=lr, weight_decay=0.1,
-                                     masks=masks, track_scores="abs" if variant == "scores-tensor-lr" else None,
-                                     capturable=variant == "scores-tensor-lr")
-    grads = [[torch.randn(p.shape, generator=gen).to(DEVICE) for p in params + [dense]] for _ in range(4)]
-    scaler = torch.amp.GradScaler("cuda") if variant == "grad-scaler" else None
-    if scaler is not None:
-        scaler.scale(torch.ones((), device=DEVICE))  # initializes the scale on the device
-
-    def step(i):
-        for p, g in zip(params + [dense], grads[i]):
-            p.grad = g.clone()
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-
-    with backends.use("triton"):
-        step(0)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            for i in range(1, 4):
-                step(i)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        torch.cuda.synchronize()
-    assert all(bool(torch.isfinite(p).all()) for p in params)
+    assert_steps_never_sync_the_host("triton", variant, device=DEVICE, seed=113)
 
 
 BIG = os.environ.get("FASTMASK_TEST_BIG", "0") not in ("", "0")

@@ -151,3 +151,50 @@ def poisoned_problem(shapes, dtype, *, density, seed, guard, device="cpu"):
         pos += n + guard
     pr.params, pr.grads = params, grads
     return pr, pbuf, gbuf, inside
+
+
+def assert_steps_never_sync_the_host(backend: str, variant: str, device: str = "cuda", seed: int = 0) -> None:
+    """``torch.cuda.set_sync_debug_mode("error")`` around ``MaskedAdamW`` steps through ``backend``:
+    no step after the first (which checks the masks' index buffers) waits for the GPU.
+
+    ``variant``: ``"plain"``; ``"scores-tensor-lr"`` (a device lr, tracked scores, capturable dense
+    steps); ``"grad-scaler"`` (GradScaler's skip/unscale inside the op; the dense parameter takes
+    PyTorch's fused AdamW, the non-fused one needs a host sync under GradScaler)."""
+    import fastmask
+    from fastmask import backends
+
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(300, 77), (7,), (2048, 5)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in shapes]
+    dense = torch.nn.Parameter(torch.randn(5, 3, generator=gen).to(device))
+    masks = {p: random_indices(p.numel(), max(1, p.numel() // 10), gen) for p in params}
+    tensor_lr = variant == "scores-tensor-lr"
+    opt = fastmask.MaskedAdamW([{"params": params}, {"params": [dense]}],
+                               lr=torch.tensor(1e-3, device=device) if tensor_lr else 1e-3, weight_decay=0.1,
+                               masks=masks, track_scores="abs" if tensor_lr else None, capturable=tensor_lr,
+                               fused=True if variant == "grad-scaler" else None)
+    grads = [[torch.randn(p.shape, generator=gen).to(device) for p in params + [dense]] for _ in range(4)]
+    scaler = torch.amp.GradScaler("cuda") if variant == "grad-scaler" else None
+    if scaler is not None:
+        scaler.scale(torch.ones((), device=device))  # initializes the scale on the device
+
+    def step(i):
+        for p, g in zip(params + [dense], grads[i]):
+            p.grad = g.clone()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+
+    with backends.use(backend):
+        step(0)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for i in range(1, 4):
+                step(i)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+    assert all(bool(torch.isfinite(p).all()) for p in params)
