@@ -60,7 +60,8 @@ def l2_logits_loss(model: nn.Module, batch: Any) -> torch.Tensor:
 
 def _resolve_targets(model: nn.Module, targets: Any) -> dict[str, nn.Parameter]:
     if targets is None:
-        return find_targets(model, "open_clip").masked
+        # find_targets detects the preset that fits the model and logs which (INFO, fastmask.targets).
+        return find_targets(model).masked
     if isinstance(targets, Targets):
         return dict(targets.masked)
     if isinstance(targets, str):
@@ -98,9 +99,12 @@ def score(
         batches: any iterable; each item is passed to ``loss_fn`` as is.
         loss_fn: ``loss_fn(model, batch) -> scalar loss`` (e.g. CLIP's contrastive loss, or the
             original work's squared L2 norm of the image-to-text logits).
-        targets: the parameters to score: ``None`` (the ``open_clip`` preset's masked targets),
-            a preset name, a :class:`~fastmask.Targets` (its masked parameters), a mapping of
-            names to parameters, or names/patterns.
+        targets: the parameters to score: ``None`` (the masked targets of the one preset that fits
+            the model, detected by :func:`~fastmask.find_targets` and logged at INFO level on the
+            ``fastmask.targets`` logger; a ``ValueError`` lists the presets if none or several
+            fit), a preset name (``"open_clip"``, ``"hf_llama"``, ...; ``"auto"`` is the same as
+            ``None``), a :class:`~fastmask.Targets` (its masked parameters), a mapping of names
+            to parameters, or names/patterns.
         mode: ``"grad"``: ``|sum_b g_b|`` (the paper's score; signed accumulation, magnitude at
             the end); ``"abs"``: ``sum_b |g_b|``; ``"fisher"``: ``sum_b g_b**2``.
         accumulate: ``"batch-sum"``: ``g_b`` is batch ``b``'s gradient, folded in and freed at

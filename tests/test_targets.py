@@ -127,7 +127,7 @@ def test_hf_clip_preset_on_fake_clipmodel():
 
 def test_open_clip_preset_on_hf_model_raises_with_names():
     with pytest.raises(ValueError, match=r"open_clip.*FakeHFCLIP.*text_model\.embeddings\.weight"):
-        find_targets(FakeHFCLIP())
+        find_targets(FakeHFCLIP(), "open_clip")
 
 
 # ----------------------------------------------------------------------------------------------
