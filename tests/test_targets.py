@@ -251,3 +251,283 @@ def test_freeze_accepts_a_single_name():
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
     freeze(model, "1.weight")
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["1.weight"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Language-model and Hugging Face presets; automatic detection. Tiny models built from configs
+# (random init, nothing downloaded); each is detected, its targets checked by name, and it is
+# scored, selected and trained one MaskedAdamW step.
+# ----------------------------------------------------------------------------------------------
+import logging  # noqa: E402
+
+import fastmask  # noqa: E402
+from fastmask.optim import MaskedAdamW  # noqa: E402
+from fastmask.targets import detect_preset  # noqa: E402
+
+from .utils import clip_batches, clip_loss  # noqa: E402
+
+VOCAB = 100
+
+
+def _tf():
+    return pytest.importorskip("transformers")
+
+
+def _lm_batches(n=2, batch=2, seq=8):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, VOCAB, (batch, seq), generator=g) for _ in range(n)]
+
+
+def _lm_loss(model, ids):
+    return model(input_ids=ids, labels=ids).loss
+
+
+def _cls_batches(n=2, batch=2, seq=8):
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randint(0, VOCAB, (batch, seq), generator=g), torch.randint(0, 2, (batch,), generator=g))
+            for _ in range(n)]
+
+
+def _cls_loss(model, batch):
+    return model(input_ids=batch[0], labels=batch[1]).loss
+
+
+def _img_batches(n=2, batch=2, size=32):
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randn(batch, 3, size, size, generator=g), torch.randint(0, 3, (batch,), generator=g))
+            for _ in range(n)]
+
+
+def _hf_img_loss(model, batch):
+    return model(pixel_values=batch[0], labels=batch[1]).loss
+
+
+def _timm_loss(model, batch):
+    return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+def _hf_clip_batches(n=2, batch=2):
+    g = torch.Generator().manual_seed(4)
+    return [(torch.randint(0, VOCAB, (batch, 8), generator=g), torch.randn(batch, 3, 32, 32, generator=g))
+            for _ in range(n)]
+
+
+def _hf_clip_loss(model, batch):
+    return model(input_ids=batch[0], pixel_values=batch[1], return_loss=True).loss
+
+
+def _decoder_cfg(tf, cls):
+    return getattr(tf, cls)(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
+
+
+def _llama_like(cfg_cls, model_cls):
+    def build():
+        tf = _tf()
+        return getattr(tf, model_cls)(_decoder_cfg(tf, cfg_cls))
+    return build
+
+
+def _gpt2():
+    tf = _tf()
+    return tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=32,
+                                            bos_token_id=0, eos_token_id=0))
+
+
+def _bert_like(cfg_cls, model_cls):
+    def build():
+        tf = _tf()
+        cfg = getattr(tf, cfg_cls)(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                   vocab_size=VOCAB, max_position_embeddings=64, num_labels=2, pad_token_id=1)
+        return getattr(tf, model_cls)(cfg)
+    return build
+
+
+def _hf_vit():
+    tf = _tf()
+    return tf.ViTForImageClassification(tf.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                     intermediate_size=64, image_size=32, patch_size=8, num_labels=3))
+
+
+def _timm_vit():
+    timm = pytest.importorskip("timm")
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                             num_classes=3)
+
+
+def _hf_clip():
+    tf = _tf()
+    cfg = tf.CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         vocab_size=VOCAB, max_position_embeddings=16),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    return tf.CLIPModel(cfg)
+
+
+def _open_clip():
+    pytest.importorskip("open_clip")
+    return tiny_open_clip()
+
+
+def _names(fmt, layers=2, parts=("",)):
+    return [fmt.format(i=i, k=k) for i in range(layers) for k in parts]
+
+
+_LLAMA_MASKED = _names("model.layers.{i}.mlp.{k}_proj.weight", parts=("gate", "up"))
+_GPT2_MASKED = _names("transformer.h.{i}.mlp.c_fc.weight")
+_GPT2_DENSE = _names("transformer.h.{i}.mlp.c_fc.bias")
+
+# name: (build, preset, masked names, dense names, batches, loss)
+MODELS = {
+    "llama": (_llama_like("LlamaConfig", "LlamaForCausalLM"), "hf_llama", _LLAMA_MASKED, [], _lm_batches, _lm_loss),
+    "mistral": (_llama_like("MistralConfig", "MistralForCausalLM"), "hf_llama", _LLAMA_MASKED, [], _lm_batches,
+                _lm_loss),
+    "qwen2": (_llama_like("Qwen2Config", "Qwen2ForCausalLM"), "hf_llama", _LLAMA_MASKED, [], _lm_batches, _lm_loss),
+    "gpt2": (_gpt2, "hf_gpt2", _GPT2_MASKED, _GPT2_DENSE, _lm_batches, _lm_loss),
+    "bert": (_bert_like("BertConfig", "BertForSequenceClassification"), "hf_bert",
+             _names("bert.encoder.layer.{i}.intermediate.dense.weight"),
+             _names("bert.encoder.layer.{i}.intermediate.dense.bias"), _cls_batches, _cls_loss),
+    "roberta": (_bert_like("RobertaConfig", "RobertaForSequenceClassification"), "hf_bert",
+                _names("roberta.encoder.layer.{i}.intermediate.dense.weight"),
+                _names("roberta.encoder.layer.{i}.intermediate.dense.bias"), _cls_batches, _cls_loss),
+    "hf_vit": (_hf_vit, "hf_vit", None, None, _img_batches, _hf_img_loss),  # names depend on the transformers version
+    "timm_vit": (_timm_vit, "timm_vit", _names("blocks.{i}.mlp.fc1.weight"), _names("blocks.{i}.mlp.fc1.bias"),
+                 _img_batches, _timm_loss),
+    "open_clip": (_open_clip, "open_clip", OPEN_CLIP_MASKED, OPEN_CLIP_DENSE, lambda: clip_batches(2, batch=2),
+                  clip_loss),
+    "hf_clip": (_hf_clip, "hf_clip",
+                _names("text_model.encoder.layers.{i}.mlp.fc1.weight")
+                + _names("vision_model.encoder.layers.{i}.mlp.fc1.weight"),
+                _names("text_model.encoder.layers.{i}.mlp.fc1.bias")
+                + _names("vision_model.encoder.layers.{i}.mlp.fc1.bias") + ["visual_projection.weight"],
+                _hf_clip_batches, _hf_clip_loss),
+}
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_detect_score_select_step(kind, caplog):
+    build, preset, want_masked, want_dense, batches_fn, loss_fn = MODELS[kind]
+    torch.manual_seed(0)
+    model = build()
+    if want_masked is None:  # HF ViT: vit.layers.N.mlp.fc1 (transformers >= 5) or the BERT-style layout before
+        params = dict(model.named_parameters())
+        if "vit.layers.0.mlp.fc1.weight" in params:
+            want_masked, want_dense = _names("vit.layers.{i}.mlp.fc1.weight"), _names("vit.layers.{i}.mlp.fc1.bias")
+        else:
+            preset = "hf_bert"
+            want_masked = _names("vit.encoder.layer.{i}.intermediate.dense.weight")
+            want_dense = _names("vit.encoder.layer.{i}.intermediate.dense.bias")
+    assert detect_preset(model).name == preset
+    with caplog.at_level(logging.INFO, logger="fastmask.targets"):
+        t = find_targets(model)
+    assert t.preset == preset and f"preset={preset!r}" in repr(t)
+    assert any(r.levelno == logging.INFO and repr(preset) in r.getMessage() for r in caplog.records), caplog.text
+    assert list(t.masked) == _model_order(model, want_masked), list(t.masked)
+    assert list(t.dense) == _model_order(model, want_dense), list(t.dense)
+    assert find_targets(model, preset).names == t.names
+
+    freeze(model, t)
+    batches = batches_fn()
+    scores = fastmask.score(model, batches, loss_fn, progress=False)  # no targets=: detected again
+    assert list(scores) == list(t.masked)
+    for n, s in scores.items():
+        assert s.shape == t.masked[n].shape and torch.isfinite(s).all() and s.abs().sum() > 0, n
+    masks = fastmask.select(scores, density=0.1)
+    opt = MaskedAdamW(t.parameters(), lr=1e-2, weight_decay=0.1, masks=masks, model=model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss_fn(model, batches[0]).backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        diff = (p.detach() != before[n]).reshape(-1)
+        if n in t.masked:
+            sel = masks[n].to_bool().reshape(-1)
+            assert not diff[~sel].any(), f"{n}: an unselected entry changed"
+            assert diff[sel].any(), f"{n}: no selected entry changed"
+        elif n in t.dense:
+            assert diff.any(), f"{n}: dense parameter did not change"
+        else:
+            assert not diff.any(), f"{n}: frozen parameter changed"
+
+
+def test_gpt2_conv1d_masks_index_the_stored_layout():
+    model = _gpt2()
+    t = find_targets(model)
+    w = t.masked["transformer.h.0.mlp.c_fc.weight"]
+    assert tuple(w.shape) == (32, 128), "Conv1D stores [in, out]"
+    masks = fastmask.select({n: torch.arange(p.numel(), dtype=torch.float32).reshape(p.shape)
+                             for n, p in t.masked.items()}, density=0.25)
+    idx = masks["transformer.h.0.mlp.c_fc.weight"].to_bool()
+    assert idx.shape == w.shape and idx[24:].all() and not idx[:24].any(), "flat indices of the stored tensor"
+
+
+def test_llama_down_proj_is_an_opt_in_preset_never_detected():
+    model = _llama_like("LlamaConfig", "LlamaForCausalLM")()
+    assert detect_preset(model).name == "hf_llama"
+    assert not PRESETS["hf_llama_mlp"].detect
+    t = find_targets(model, "hf_llama_mlp")
+    assert list(t.masked) == _names("model.layers.{i}.mlp.{k}_proj.weight", parts=("gate", "up", "down"))
+    assert t.preset == "hf_llama_mlp"
+    assert not any("down_proj" in n for n in find_targets(model).names)
+
+
+def test_extra_dense_extends_the_preset():
+    model = _bert_like("BertConfig", "BertForSequenceClassification")()
+    t = find_targets(model, extra_dense="classifier.*")
+    base = find_targets(model)
+    assert list(t.masked) == list(base.masked) and t.preset == "hf_bert"
+    assert list(t.dense) == list(base.dense) + ["classifier.weight", "classifier.bias"]
+    same = find_targets(model, "hf_bert", dense=[*PRESETS["hf_bert"].dense, "classifier.*"])
+    assert same.names == t.names
+    # dense= still replaces; extra_dense adds to it.
+    t2 = find_targets(model, dense="bert.pooler.*", extra_dense=["classifier.weight"])
+    assert list(t2.dense) == ["bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight"]
+
+
+def test_explicit_patterns_skip_detection():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    t = find_targets(model, masked="0.weight", dense="1.*")
+    assert t.preset is None and list(t.masked) == ["0.weight"] and list(t.dense) == ["1.weight", "1.bias"]
+    # masked alone on a model no preset fits: the dense side is empty, as before.
+    t = find_targets(model, masked="0.weight")
+    assert t.preset is None and t.dense == {}
+
+
+def test_no_preset_fits_lists_presets_and_patterns():
+    model = nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError) as e:
+        find_targets(model)
+    msg = str(e.value)
+    assert "no preset fits Sequential" in msg
+    for name in PRESETS:
+        assert name in msg
+    assert "masked=" in msg and "targets=" in msg and "0.weight" in msg
+    with pytest.raises(ValueError, match="no preset fits"):
+        fastmask.score(model, [torch.randn(2, 3)], lambda m, x: m(x).sum(), progress=False)
+
+
+class _Block(nn.Module):
+    def __init__(self, **children):
+        super().__init__()
+        for k, v in children.items():
+            self.add_module(k, v)
+
+
+def test_several_presets_fit_is_an_error_naming_them():
+    model = _Block(
+        h=nn.ModuleList([_Block(mlp=_Block(c_fc=nn.Linear(2, 8)))]),
+        layers=nn.ModuleList([_Block(mlp=_Block(gate_proj=nn.Linear(2, 8), up_proj=nn.Linear(2, 8)))]),
+    )
+    with pytest.raises(ValueError, match=r"more than one preset fits _Block: hf_llama, hf_gpt2(.|\n)*presets:"):
+        find_targets(model)
+    assert find_targets(model, "hf_gpt2").names == ["h.0.mlp.c_fc.weight", "h.0.mlp.c_fc.bias"]
+
+
+def test_hf_patterns_allow_a_wrapper_prefix_but_not_lookalikes():
+    inner = _llama_like("LlamaConfig", "LlamaForCausalLM")()
+    model = _Block(backbone=inner)
+    t = find_targets(model)
+    assert t.preset == "hf_llama" and list(t.masked) == ["backbone." + n for n in _LLAMA_MASKED]
+    # open_clip's transformer.resblocks.N.mlp.c_fc is not GPT-2's h.N.mlp.c_fc
+    assert detect_preset(tiny_open_clip()).name == "open_clip"
