@@ -7,8 +7,11 @@
 
 Distributed (torch.distributed; fastmask.distributed): all_reduce_scores before select, mask
 agreement checked by MaskedAdamW, masked_allreduce_hook for DDP.
+
+Sparse deltas (fastmask.delta): export what training changed as (indices, XOR bits) per masked
+tensor, apply/revert it bit-exactly, refusing other base weights; ``fastmask delta`` on the CLI.
 """
-from . import backends, distributed, ops, optim
+from . import backends, delta, distributed, ops, optim
 from ._version import __version__
 from .masks import Mask, MaskSet, num_selected, select
 from .optim import MaskedAdamW
@@ -16,6 +19,6 @@ from .scoring import score
 from .targets import PRESETS, Preset, Targets, find_targets, freeze
 
 __all__ = [
-    "__version__", "backends", "distributed", "ops", "optim", "Mask", "MaskSet", "MaskedAdamW", "num_selected",
-    "select", "score", "PRESETS", "Preset", "Targets", "find_targets", "freeze",
+    "__version__", "backends", "delta", "distributed", "ops", "optim", "Mask", "MaskSet", "MaskedAdamW",
+    "num_selected", "select", "score", "PRESETS", "Preset", "Targets", "find_targets", "freeze",
 ]

@@ -2,6 +2,7 @@
 
     fastmask continual [options]   continual fine-tuning of an open_clip CLIP (SPU vs baselines)
     fastmask info                  version and the backends available here
+    fastmask delta export|apply|revert|info   sparse deltas of trained weights (fastmask.delta)
 
 Every option of ``fastmask continual`` is checked before any model, data or scoring work: a bad
 number or list is refused by argparse (exit code 2), a bad path, device, model name or a flag of
@@ -180,13 +181,107 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit-per-class", type=_number("limit_per_class"), default=None,
                    help="keep this many digit images per class, at least 2 (smoke tests)")
 
+    _add_delta(sub)
     sub.add_parser("info", formatter_class=_Formatter, help="print the version and the backends available here",
                    description="Print fastmask's version, torch's, and which backend serves which device.")
     return parser
 
 
+DELTA_DESCRIPTION = """
+Sparse deltas: what training changed, against the base weights, as (indices, XOR bits) per masked
+tensor plus whole tensors for the dense extras, in one safetensors file with a SHA-256 fingerprint
+of every base tensor. apply and revert are bit-exact and refuse weights the delta was not made for.
+Checkpoints are state dicts in .safetensors files or torch checkpoints.
+"""
+
+
+def _add_delta(sub) -> None:
+    d = sub.add_parser("delta", formatter_class=_Formatter, description=DELTA_DESCRIPTION,
+                       help="export, apply, revert or describe a sparse delta of trained weights")
+    ds = d.add_subparsers(dest="delta_command", metavar="ACTION", title="actions")
+    ds.required = True
+    e = ds.add_parser("export", formatter_class=_Formatter, help="write the delta of --trained against --base",
+                      description="Write what training changed (--trained against --base) at the entries of --masks, "
+                                  "plus the --dense tensors whole, to one delta file.",
+                      epilog="example: fastmask delta export --base base.safetensors --trained trained.safetensors "
+                             "--masks masks.safetensors --dense 'visual.proj,*.bias' -o delta.safetensors")
+    e.add_argument("--base", required=True, help="base checkpoint (.safetensors or torch state dict)")
+    e.add_argument("--trained", required=True, help="trained checkpoint (same names, shapes, dtypes)")
+    e.add_argument("--masks", required=True, help="MaskSet file (fastmask.MaskSet.save)")
+    e.add_argument("--dense", default=None, metavar="NAME,GLOB,...",
+                   help="tensors stored whole, comma-separated names or glob patterns, e.g. 'visual.proj,*.bias'")
+    e.add_argument("--no-strict", dest="strict", action="store_false",
+                   help="keep only what the masks and --dense cover, even if training changed more")
+    e.add_argument("-o", "--out", required=True, help="delta file to write (.safetensors)")
+    a = ds.add_parser("apply", formatter_class=_Formatter, help="base checkpoint + delta -> trained checkpoint",
+                      description="Apply a delta to the base weights it was made for, bit for bit.")
+    a.add_argument("--base", required=True, help="base checkpoint")
+    a.add_argument("--delta", required=True, help="delta file")
+    a.add_argument("-o", "--out", required=True, help="checkpoint to write (.safetensors, else torch.save)")
+    r = ds.add_parser("revert", formatter_class=_Formatter, help="trained checkpoint - delta -> base checkpoint",
+                      description="Undo a delta on the weights it produced, bit for bit.")
+    r.add_argument("--trained", required=True, help="trained (delta-applied) checkpoint")
+    r.add_argument("--delta", required=True, help="delta file")
+    r.add_argument("-o", "--out", required=True, help="checkpoint to write (.safetensors, else torch.save)")
+    i = ds.add_parser("info", formatter_class=_Formatter, help="sizes, tensors, counts, vs the full model and LoRA",
+                      description="Describe a delta file: per tensor kind, dtype, shape, selected count and bytes; "
+                                  "the file size against the full model and against a LoRA adapter with the same "
+                                  "number of trainable entries (rank r of a [out, in] weight: r*(in+out) entries).")
+    i.add_argument("delta", help="delta file")
+
+
+def _delta_main(args) -> int:
+    from . import delta
+    from .masks import MaskSet
+
+    prog = f"fastmask delta {args.delta_command}"
+
+    def load(flag: str, path: str, loader):
+        try:
+            return loader(path)
+        except (OSError, ValueError, TypeError, KeyError, IndexError) as exc:
+            msg = _message(exc)
+            fail(prog, f"{flag} {msg}" if msg.startswith(path) else f"{flag} {path}: {msg}", code=2)
+
+    try:
+        if args.delta_command == "export":
+            base = load("--base", args.base, delta.load_state_dict)
+            trained = load("--trained", args.trained, delta.load_state_dict)
+            masks = load("--masks", args.masks, MaskSet.load)
+            report = delta.export(trained, base, masks, args.out, dense=args.dense, strict=args.strict)
+            print(delta.format_info(report))
+        elif args.delta_command in ("apply", "revert"):
+            flag, src = ("--base", args.base) if args.delta_command == "apply" else ("--trained", args.trained)
+            state = load(flag, src, delta.load_state_dict)
+            try:
+                getattr(delta, args.delta_command)(state, args.delta)
+            except (OSError, ValueError, TypeError, KeyError, IndexError) as exc:
+                fail(prog, f"--delta {_message(exc)}" + (f" (checked against {flag} {src})" if "model" in str(exc)
+                                                         or "SHA-256" in str(exc) else ""), code=2)
+            delta.save_state_dict(state, args.out)
+            print(f"{args.out}: written ({args.delta_command} of {args.delta})")
+        else:
+            print(delta.format_info(load("delta file", args.delta, delta.info)))
+    except (OSError, ValueError, TypeError, KeyError, IndexError) as exc:
+        fail(prog, _message(exc), code=2)
+    return 0
+
+
+def _message(exc: BaseException) -> str:
+    """One line: KeyError's text without its quotes, OSError's with the file name."""
+    if isinstance(exc, KeyError) and exc.args:
+        text = str(exc.args[0])
+    elif isinstance(exc, OSError) and exc.filename and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}"
+    else:
+        text = str(exc)
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "delta":
+        return _delta_main(args)
     if args.command == "info":
         from . import backends
 
