@@ -76,7 +76,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _sha256(t: torch.Tensor) -> str:
     """SHA-256 of a tensor's bytes in row-major order (on the CPU)."""
     flat = t.detach().reshape(-1).contiguous().cpu()
-    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"").hexdigest()
+    return hashlib.sha256(flat.view(torch.uint8).numpy() if flat.numel() else b"").hexdigest()
 
 
 def _payload_sha256(*ts: torch.Tensor) -> str:
@@ -84,7 +84,7 @@ def _payload_sha256(*ts: torch.Tensor) -> str:
     for t in ts:
         flat = t.reshape(-1).contiguous()
         if flat.numel():
-            h.update(flat.view(torch.uint8).numpy().tobytes())
+            h.update(flat.view(torch.uint8).numpy())
     return h.hexdigest()
 
 
