@@ -171,17 +171,12 @@ def _as_patterns(patterns: Pattern | Iterable[Pattern] | None) -> tuple[Pattern,
     return tuple(patterns)
 
 
-def _show(pattern: Pattern) -> str:
-    return f"re.compile({pattern.pattern!r})" if isinstance(pattern, re.Pattern) else repr(pattern)
-
-
 def _fits(preset: Preset, names: list[str]) -> bool:
     return bool(preset.masked) and all(any(_matches(n, pat) for n in names) for pat in preset.masked)
 
 
 def _preset_help(model: nn.Module, names: list[str]) -> str:
-    listing = "\n".join(f"  {p.name}: {p.description}" + ("" if p.detect else " [not detected]")
-                        for p in PRESETS.values())
+    listing = "\n".join(f"  {p.name}: {p.description}" for p in PRESETS.values())
     # Names that look like MLP weights help the caller write patterns; fall back to the first few.
     hints = [n for n in names if re.search(r"mlp|ffn|feed_forward|intermediate|fc1|c_fc", n)] or names
     sample = ", ".join(hints[:6]) + (", ..." if len(hints) > 6 else "")
