@@ -1,6 +1,6 @@
 """fastmask: fast, exact selective parameter updates for foundation models (SPU, CVPR 2024).
 
-    targets = fastmask.find_targets(model)               # which tensors (open_clip preset)
+    targets = fastmask.find_targets(model)               # which tensors (the preset that fits)
     scores = fastmask.score(model, batches, loss_fn)     # accumulated gradient scores
     masks = fastmask.select(scores, density=0.1)         # top-10% entries per tensor
     opt = fastmask.optim.MaskedAdamW(targets.parameters(), lr=1e-5, masks=masks, model=model)
