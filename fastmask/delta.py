@@ -26,19 +26,17 @@ bits, so a damaged payload is refused when the file is read.
 """
 from __future__ import annotations
 
-import errno
 import fnmatch
 import hashlib
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ._checks import check_indices
+from ._files import write_atomic
 from ._version import __version__
 from .masks import MaskSet, _check_shape, _open_safetensors
 
@@ -201,31 +199,10 @@ def export(trained: nn.Module | Mapping[str, torch.Tensor], base: nn.Module | Ma
     })
     from safetensors.torch import save as serialize
 
-    _write_atomic(where, serialize(tensors, metadata=user), "delta")
+    write_atomic(where, serialize(tensors, metadata=user), "delta")
     return info(where)
 
 
-def _write_atomic(where: str, data: bytes, what: str) -> None:
-    """Write ``data`` to a temporary file next to ``where`` and rename it over ``where``."""
-    final = os.path.realpath(where)
-    if os.path.isdir(final):
-        raise IsADirectoryError(errno.EISDIR, f"cannot write the {what} file (it is a directory)", where)
-    directory, name = os.path.split(final)
-    tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as fh:
-            fh.write(data)
-        if os.path.isfile(final):
-            shutil.copymode(final, tmp)
-        os.replace(tmp, final)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError) and e.errno is not None:
-            raise type(e)(e.errno, f"cannot write the {what} file ({e.strerror})", where) from e
-        raise
 
 
 def _read(path: str | os.PathLike, with_tensors: bool = True) -> tuple[dict[str, str], dict[str, dict], dict]:
@@ -463,4 +440,4 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike) 
         buf = io.BytesIO()
         torch.save(dict(state), buf)
         data = buf.getvalue()
-    _write_atomic(where, data, "checkpoint")
+    write_atomic(where, data, "checkpoint")

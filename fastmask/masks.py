@@ -8,13 +8,10 @@ mapping :class:`fastmask.optim.MaskedAdamW` takes.
 """
 from __future__ import annotations
 
-import errno
 import json
 import math
 import operator
 import os
-import shutil
-import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -22,6 +19,7 @@ import torch
 from torch import nn
 
 from ._checks import check_indices
+from ._files import write_atomic
 from ._version import __version__
 
 __all__ = ["Mask", "MaskSet", "select", "num_selected"]
@@ -337,25 +335,7 @@ class MaskSet(Mapping[str, Mask]):
             "shapes": json.dumps({n: list(m.shape) for n, m in self._masks.items()}),
         })
         data = serialize({n: m.indices for n, m in self._masks.items()}, metadata=meta)
-        final = os.path.realpath(where)  # through a symlink, as writing in place would
-        if os.path.isdir(final):
-            raise IsADirectoryError(errno.EISDIR, "cannot write the MaskSet file (it is a directory)", where)
-        directory, base = os.path.split(final)
-        tmp = os.path.join(directory, f".{base}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "xb") as fh:
-                fh.write(data)
-            if os.path.isfile(final):
-                shutil.copymode(final, tmp)
-            os.replace(tmp, final)
-        except BaseException as e:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            if isinstance(e, OSError) and e.errno is not None:  # name the file asked for, not the temporary
-                raise type(e)(e.errno, f"cannot write the MaskSet file ({e.strerror})", where) from e
-            raise
+        write_atomic(where, data, "MaskSet")  # through a symlink, as writing in place would
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> MaskSet:
