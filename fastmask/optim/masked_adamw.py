@@ -45,8 +45,11 @@ collective for such optimizers (as ``get_optimizer_state_dict`` is anyway). See
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+import contextlib
+import functools
+import weakref
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -121,6 +124,28 @@ class _Bucket:
         if self.parts is not None:
             return self.parts[t]
         return _Local(None, (0, self.mask_offsets[t + 1] - self.mask_offsets[t]))
+
+
+def _backward_hook(ref: Callable[[], Any], p: torch.Tensor) -> None:
+    """Post-accumulate-grad hook of ``MaskedAdamW(step_in_backward=True)``."""
+    opt = ref()
+    if opt is None or opt._accumulating:
+        return
+    try:
+        opt._once_per_backward(p)
+        opt._step_one(p)
+    except BaseException:
+        opt._reset_backward_window()  # the failed backward's end callbacks never run
+        raise
+
+
+def _backward_done(ref: Callable[[], Any], task: int) -> None:
+    """End-of-graph-task callback: the window closes when every graph task it saw has ended."""
+    opt = ref()
+    if opt is not None:
+        opt._live_tasks.discard(task)
+        if not opt._live_tasks:
+            opt._stepped_in_window.clear()
 
 
 def _runs(flags: list[bool]) -> list[tuple[int, int]]:
@@ -209,6 +234,9 @@ class MaskedAdamW(torch.optim.Optimizer):
             checks still takes part, so the others raise at once instead of waiting for the
             group's timeout. ``False``: no check and no collective (e.g. an optimizer built on
             one rank only, or masks that differ on purpose; the sparse DDP hook needs equal masks).
+        step_in_backward: ``True`` to step every parameter inside ``loss.backward()``, from a
+            post-accumulate-grad hook, as soon as its gradient is complete, and free that gradient
+            at once: at most one parameter's gradient exists at any time (see below).
 
     **FSDP2** (``torch.distributed.fsdp.fully_shard``): parameters may be DTensors. A masked one must
     be sharded ``Shard(0)`` over a 1-D device mesh (evenly or not) or replicated; other placements
@@ -230,6 +258,31 @@ class MaskedAdamW(torch.optim.Optimizer):
     without this, a checkpoint template would list no state for those parameters and
     ``set_optimizer_state_dict`` would refuse it (or, with ``flatten_optimizer_state_dict=True``,
     silently load none).
+
+    **Step in the backward pass** (``step_in_backward=True``). Each trainable parameter (masked or
+    dense) gets a post-accumulate-grad hook that steps it exactly as :meth:`step` would (same op,
+    same rounding: the results are bit-identical to ``backward()`` then ``step()``) and then sets
+    its ``.grad`` to ``None``, so the gradients of a large model never exist all at once. The loop
+    stays the ordinary one: ``loss.backward()`` steps, ``step()`` finds no gradient left and does
+    nothing (it still steps gradients set by other means), ``zero_grad()``, LR schedulers (they
+    change ``lr`` between backward passes), ``state_dict()`` and ``set_masks`` work as usual.
+
+    - Gradient accumulation: run the micro-batches' backward passes but the last inside
+      ``with opt.accumulating():`` (gradients accumulate, nothing is stepped); the last backward
+      steps every parameter with its accumulated gradient. (Or run all of them inside it and
+      call ``step()``.)
+    - One backward per step: a second ``backward()`` (another loss, ``retain_graph``) outside
+      ``accumulating()`` steps the parameters again.
+    - Cannot work, because every gradient is gone before the backward pass returns: global
+      gradient-norm clipping (``clip_grad_norm_`` would see no gradient and silently clip
+      nothing; clip per tensor instead, from a post-accumulate-grad hook registered *before* the
+      optimizer is built, which therefore runs first), and ``torch.amp.GradScaler`` (its inf check
+      would come after the step: ``scaler.step(opt)`` raises ``RuntimeError``; train in bf16
+      autocast, which needs no scaler). Under ``torch.distributed`` with more than one rank (DDP,
+      FSDP2) the hook would see this rank's gradient before it is reduced: refused with
+      ``NotImplementedError``.
+    - Each parameter's step is checked before it writes, but the step is spread over the
+      backward pass: a bad gradient raises after the parameters stepped before it.
 
     ``lr`` may be a tensor (kept as is, so compiled steps need not recompile; a CPU tensor lr is
     checked on every step, a device one when the optimizer is built, to avoid a host sync).
@@ -259,6 +312,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         track_scores: str | None = None,
         process_group: Any = None,
         verify_masks: bool = True,
+        step_in_backward: bool = False,
     ) -> None:
         if differentiable:
             raise NotImplementedError(
@@ -296,6 +350,17 @@ class MaskedAdamW(torch.optim.Optimizer):
         self._process_group = process_group
         self._verify_masks = bool(verify_masks)
         self._mask_version = 0
+        if not isinstance(step_in_backward, bool):
+            raise TypeError(f"step_in_backward: expected a bool, got {type(step_in_backward).__name__}")
+        self._step_in_backward = step_in_backward
+        self._accumulating = 0
+        self._hooks: dict[nn.Parameter, Any] = {}
+        self._reset_backward_window()
+        if step_in_backward and _dist.resolve_group(process_group) is not None:
+            raise NotImplementedError(
+                "step_in_backward: not supported under torch.distributed with more than one rank: a "
+                "post-accumulate-grad hook sees this rank's own gradient, before DDP or FSDP reduce it. Use "
+                "step_in_backward=False (with fastmask.distributed.masked_allreduce_hook under DDP)")
         super().__init__(params, defaults)
         # GradScaler passes grad_scale/found_inf to step() instead of unscaling and syncing.
         self._step_supports_amp_scaling = True
@@ -318,7 +383,16 @@ class MaskedAdamW(torch.optim.Optimizer):
                             "list each parameter once (torch.optim.AdamW would step a repeated parameter twice)")
                     seen.add(id(p))
             param_group = dict(param_group, params=params)
+        if getattr(self, "_step_in_backward", False):
+            for p in [params] if isinstance(params, torch.Tensor) else params or ():
+                p = p[1] if isinstance(p, tuple) and len(p) == 2 else p
+                if isinstance(p, torch.Tensor) and _dist.is_dtensor(p):
+                    raise NotImplementedError(
+                        f"step_in_backward: parameter {self._name(p)} is a DTensor (FSDP2); the step in backward "
+                        "is not supported for sharded parameters")
         super().add_param_group(param_group)
+        if getattr(self, "_step_in_backward", False):
+            self._register_hooks()
 
     # ------------------------------------------------------------------------------------------
     # names (for errors and scores)
@@ -441,6 +515,7 @@ class MaskedAdamW(torch.optim.Optimizer):
             self.state.pop(p, None)  # old compact state: gone, whatever becomes of the param
         self._names = names
         self._buckets = buckets
+        self._bucket_of = {p: b for b in buckets for p in b.params}
         self._mask_of = {}
         for b in buckets:
             for p, state in self._bucket_states(b).items():
@@ -550,7 +625,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         state["state"] = {p: s for p, s in self.state.items() if p not in self._mask_of}
         # The process group is not picklable: a copy checks its masks against the default group.
         state["_fastmask"] = {"buckets": self._buckets, "names": self._names, "track_scores": self.track_scores,
-                              "verify_masks": self._verify_masks}
+                              "verify_masks": self._verify_masks, "step_in_backward": self._step_in_backward}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -566,6 +641,12 @@ class MaskedAdamW(torch.optim.Optimizer):
         self._step_supports_amp_scaling = True
         self._mask_of = {}
         self._install(extra["buckets"], dict(extra["names"]))
+        self._step_in_backward = extra.get("step_in_backward", False)
+        self._accumulating = 0
+        self._hooks = {}
+        self._reset_backward_window()
+        if self._step_in_backward:
+            self._register_hooks()  # on this copy's parameters
 
     # ------------------------------------------------------------------------------------------
     # step: plan and check everything, then write
@@ -585,6 +666,13 @@ class MaskedAdamW(torch.optim.Optimizer):
         check()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        if self._step_in_backward and torch._C._current_graph_task_id() == -1:
+            self._reset_backward_window()  # outside any backward pass: nothing can be open
+        if self._step_in_backward and (grad_scale is not None or found_inf is not None):
+            raise RuntimeError(
+                "step_in_backward: torch.amp.GradScaler cannot work with the step in the backward pass: the "
+                "parameters were stepped inside backward(), with scaled gradients, before any inf check. "
+                "Train in bf16 autocast (no scaler needed) or use step_in_backward=False")
         actions: list[Callable[[], None]] = []
         for gi, group in enumerate(self.param_groups):
             self._check_group(gi, group)
@@ -596,7 +684,90 @@ class MaskedAdamW(torch.optim.Optimizer):
             act()
         return loss
 
-    def _check_group(self, gi: int, group: dict) -> None:
+    # ------------------------------------------------------------------------------------------
+    # the step in the backward pass
+    # ------------------------------------------------------------------------------------------
+    @property
+    def step_in_backward(self) -> bool:
+        """Whether parameters are stepped inside ``backward()`` (see the class docstring)."""
+        return self._step_in_backward
+
+    @contextlib.contextmanager
+    def accumulating(self) -> Iterator[None]:
+        """Inside this context, backward passes only accumulate gradients (for micro-batches); the
+        step in the backward pass resumes when it exits. Nests; a no-op without
+        ``step_in_backward``."""
+        self._accumulating += 1
+        try:
+            yield
+        finally:
+            self._accumulating -= 1
+
+    def _register_hooks(self) -> None:
+        """A post-accumulate-grad hook on every trainable parameter not hooked yet. The hooks hold the
+        optimizer weakly: a dropped optimizer stops stepping (and removes them when collected)."""
+        ref = weakref.ref(self)
+        self._group_of = {p: gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p not in self._hooks and p.requires_grad:
+                    self._hooks[p] = p.register_post_accumulate_grad_hook(functools.partial(_backward_hook, ref))
+
+    def _remove_hooks(self) -> None:
+        for handle in getattr(self, "_hooks", {}).values():
+            handle.remove()
+        self._hooks = {}
+
+    def __del__(self) -> None:
+        self._remove_hooks()
+
+    def _reset_backward_window(self) -> None:
+        self._live_tasks: set[int] = set()
+        self._stepped_in_window: set[torch.Tensor] = set()
+
+    def _once_per_backward(self, p: torch.Tensor) -> None:
+        """Refuse a second gradient for ``p`` within one backward pass.
+
+        A reentrant checkpoint (``use_reentrant=True``) runs a nested backward pass for its segment,
+        which accumulates into ``p.grad`` on its own: a parameter used inside such a segment and
+        outside it (or in two segments) would be stepped once per part of its gradient. The window
+        of one backward pass lasts while any graph task that stepped a parameter is still running
+        (an end-of-task callback closes it), so such a second gradient is caught."""
+        task = torch._C._current_graph_task_id()
+        if task not in self._live_tasks:
+            self._live_tasks.add(task)
+            torch.autograd.Variable._execution_engine.queue_callback(
+                functools.partial(_backward_done, weakref.ref(self), task))
+        if p in self._stepped_in_window:
+            raise RuntimeError(
+                f"step_in_backward: parameter {self._name(p)} received a second gradient within one backward "
+                "pass, so it was stepped with part of its gradient: it is used inside a reentrant checkpointed "
+                "segment (torch.utils.checkpoint with use_reentrant=True) and outside it, or in two such "
+                "segments. Use non-reentrant checkpointing (use_reentrant=False, the default of Hugging Face "
+                "models' gradient_checkpointing_enable) or step_in_backward=False")
+        self._stepped_in_window.add(p)
+
+    @torch.no_grad()
+    def _step_one(self, p: torch.Tensor) -> None:
+        """Step ``p`` alone, as :meth:`step` would, and free its gradient (called by its hook)."""
+        gi = self._group_of.get(p)
+        if p.grad is None or gi is None or gi >= len(self.param_groups) or not any(
+                q is p for q in self.param_groups[gi]["params"]):
+            return  # no longer this optimizer's (a param group was edited by hand): leave the gradient
+        group = self.param_groups[gi]
+        check = getattr(self, "_accelerator_graph_capture_health_check", None) or self._cuda_graph_capture_health_check
+        check()
+        self._check_group(gi, group, [p])
+        if p in self._mask_of:
+            actions = self._plan_bucket(self._bucket_of[p], group, None, None, only=p)
+        else:
+            actions = self._plan_dense(group, None, None, only=p)
+        for act in actions:
+            act()
+        p.grad = None
+
+    def _check_group(self, gi: int, group: dict, only: list[torch.Tensor] | None = None) -> None:
+        """The group's hyper-parameters, and the gradients of its params (of ``only``, if given)."""
         where = f"param_groups[{gi}]"
         _check_scalar(f"{where}['lr']", group["lr"])
         _check_scalar(f"{where}['eps']", group["eps"])
@@ -610,7 +781,8 @@ class MaskedAdamW(torch.optim.Optimizer):
             raise NotImplementedError(f"{where}['differentiable']: differentiable=True is not supported")
         if group["fused"] and group["foreach"]:
             raise RuntimeError(f"{where}: `fused` and `foreach` cannot be `True` together")
-        dense = [p for p in group["params"] if p.grad is not None and p not in self._mask_of]
+        params = group["params"] if only is None else only
+        dense = [p for p in params if p.grad is not None and p not in self._mask_of]
         if dense and group["foreach"] and not group["capturable"]:
             # torch's foreach AdamW refuses these; refuse them before anything is written
             if isinstance(group["lr"], torch.Tensor):
@@ -626,7 +798,7 @@ class MaskedAdamW(torch.optim.Optimizer):
                 if p.device.type not in ok:
                     raise RuntimeError(f"{where}['capturable']: capturable=True needs parameters on one of {ok}; "
                                        f"{self._name(p)} is on {p.device}")
-        for p in group["params"]:
+        for p in params:
             g = p.grad
             if g is None:
                 continue
@@ -651,8 +823,9 @@ class MaskedAdamW(torch.optim.Optimizer):
             raise ValueError(f"grad of {self._name(p)}: this rank holds {tuple(g.to_local().shape)} of the gradient "
                              f"but {tuple(p.to_local().shape)} of the parameter")
 
-    def _plan_bucket(self, b: _Bucket, group: dict, grad_scale, found_inf) -> list[Callable[[], None]]:
-        active = [p.grad is not None for p in b.params]
+    def _plan_bucket(self, b: _Bucket, group: dict, grad_scale, found_inf, only: torch.Tensor | None = None
+                     ) -> list[Callable[[], None]]:
+        active = [p.grad is not None and (only is None or p is only) for p in b.params]
         if not any(active):
             return []
         device = b.steps.device
@@ -730,8 +903,10 @@ class MaskedAdamW(torch.optim.Optimizer):
             return False
         return all(state[k].stride() == p.stride() for k in _MASKED_KEYS if k in state)
 
-    def _plan_dense(self, group: dict, grad_scale, found_inf) -> list[Callable[[], None]]:
-        params = [p for p in group["params"] if p.grad is not None and p not in self._mask_of]
+    def _plan_dense(self, group: dict, grad_scale, found_inf, only: torch.Tensor | None = None
+                    ) -> list[Callable[[], None]]:
+        candidates = group["params"] if only is None else [only]
+        params = [p for p in candidates if p.grad is not None and p not in self._mask_of]
         if not params:
             return []
         if group["fused"]:
