@@ -357,3 +357,14 @@ def test_two_backward_passes_step_twice():
         oa.zero_grad()
         _loss(mb, x, y).backward()
     _assert_same(ma, mb, oa, ob)
+
+
+def test_a_constructor_that_raises_leaves_no_hooks():
+    model = _make()
+    bad = {model.fc1.weight: torch.tensor([0, model.fc1.weight.numel()])}  # out of range
+    with pytest.raises(IndexError):
+        MaskedAdamW(model.parameters(), masks=bad, step_in_backward=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    _loss(model, *_batch(0, torch.float32)).backward()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

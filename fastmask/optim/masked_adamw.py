@@ -366,6 +366,8 @@ class MaskedAdamW(torch.optim.Optimizer):
         self._step_supports_amp_scaling = True
         self._set_masks(masks if masks is not None else {}, model, "MaskedAdamW()")
         self._init_missing_dense_state()
+        if step_in_backward:  # last: a constructor that raises leaves no hooks behind
+            self._register_hooks()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As ``torch.optim.Optimizer.add_param_group``; a parameter listed twice is an error."""
@@ -391,7 +393,7 @@ class MaskedAdamW(torch.optim.Optimizer):
                         f"step_in_backward: parameter {self._name(p)} is a DTensor (FSDP2); the step in backward "
                         "is not supported for sharded parameters")
         super().add_param_group(param_group)
-        if getattr(self, "_step_in_backward", False):
+        if getattr(self, "_hooks_armed", False):
             self._register_hooks()
 
     # ------------------------------------------------------------------------------------------
@@ -707,6 +709,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         """A post-accumulate-grad hook on every trainable parameter not hooked yet. The hooks hold the
         optimizer weakly: a dropped optimizer stops stepping (and removes them when collected)."""
         ref = weakref.ref(self)
+        self._hooks_armed = True
         self._group_of = {p: gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
         for group in self.param_groups:
             for p in group["params"]:
