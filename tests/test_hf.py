@@ -23,6 +23,15 @@ VOCAB = 64
 HAS_SIB = "step_in_backward" in fastmask.MaskedAdamW.__init__.__code__.co_varnames
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: one intra-op thread is as fast, and steadier on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _need_sib(sib: bool) -> None:
     if sib and not HAS_SIB:
         pytest.skip("MaskedAdamW(step_in_backward=...) does not exist yet")
@@ -73,15 +82,19 @@ def _params(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _assert_same_params(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+def _state(opt: fastmask.MaskedAdamW) -> dict:
+    return {k: {key: torch.as_tensor(v).clone() for key, v in st.items()} for k, st in opt.state_dict()["state"].items()}
+
+
+def _assert_same_params(a: torch.nn.Module | dict, b: torch.nn.Module | dict) -> None:
+    pa, pb = (x if isinstance(x, dict) else dict(x.named_parameters()) for x in (a, b))
     assert pa.keys() == pb.keys()
     for n in pa:
         assert torch.equal(pa[n], pb[n]), f"{n} differs"
 
 
-def _assert_same_state(o1: fastmask.MaskedAdamW, o2: fastmask.MaskedAdamW) -> None:
-    s1, s2 = o1.state_dict()["state"], o2.state_dict()["state"]
+def _assert_same_state(o1: fastmask.MaskedAdamW | dict, o2: fastmask.MaskedAdamW | dict) -> None:
+    s1, s2 = (x if isinstance(x, dict) else _state(x) for x in (o1, o2))
     assert s1.keys() == s2.keys()
     for k in s1:
         assert s1[k].keys() == s2[k].keys()
@@ -92,6 +105,29 @@ def _assert_same_state(o1: fastmask.MaskedAdamW, o2: fastmask.MaskedAdamW) -> No
 # ----------------------------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------------------------
+RESUME = dict(max_steps=6, save_strategy="steps", save_steps=3)
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    """Parameters and optimizer state after the default run (_args(): 4 steps, plain step)."""
+    model = _model()
+    opt = _optimizer(model)
+    _trainer(model, opt, _args(tmp_path_factory.mktemp("plain"))).train()
+    return _params(model), _state(opt)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """6 steps without interruption, writing checkpoint-3 (and -6) on the way: parameters, optimizer
+    state and the checkpoint-3 folder."""
+    out = tmp_path_factory.mktemp("straight")
+    model = _model()
+    opt = _optimizer(model)
+    _trainer(model, opt, _args(out, **RESUME)).train()
+    return _params(model), _state(opt), out / "checkpoint-3"
+
+
 @pytest.mark.parametrize("sib", [False, True], ids=["step", "step_in_backward"])
 def test_trainer_updates_selected_entries_only_and_matches_a_hand_loop(tmp_path, sib):
     _need_sib(sib)
@@ -147,14 +183,10 @@ def test_gradient_accumulation(tmp_path, sib):
     assert not any(p.grad is not None for p in m2.parameters())
 
 
-@pytest.mark.parametrize("how", ["trainer_args", "model"])
+@pytest.mark.parametrize("how", ["trainer_args", "trainer_args_reentrant", "model"])
 @pytest.mark.parametrize("sib", [False, True], ids=["step", "step_in_backward"])
-def test_gradient_checkpointing(tmp_path, sib, how):
+def test_gradient_checkpointing(tmp_path, plain_run, sib, how):
     _need_sib(sib)
-    ref = _model()
-    ref_opt = _optimizer(ref)
-    _trainer(ref, ref_opt, _args(tmp_path / "ref")).train()
-
     model = _model()
     extra = {}
     with warnings.catch_warnings():
@@ -163,11 +195,35 @@ def test_gradient_checkpointing(tmp_path, sib, how):
             model.gradient_checkpointing_enable()
         else:
             extra = {"gradient_checkpointing": True}
+            if how.endswith("reentrant"):
+                extra["gradient_checkpointing_kwargs"] = {"use_reentrant": True}
         opt = _optimizer(model, sib=sib)
         _trainer(model, opt, _args(tmp_path / "gc", **extra)).train()
     assert model.model.layers[0].gradient_checkpointing
-    _assert_same_params(model, ref)
-    _assert_same_state(opt, ref_opt)
+    _assert_same_params(model, plain_run[0])
+    _assert_same_state(opt, plain_run[1])
+
+
+def test_step_in_backward_with_per_tensor_clipping_and_bf16(tmp_path):
+    """What the max_grad_norm error recommends instead: a clipping hook per tensor registered before
+    the optimizer (so it runs before the step in the backward pass), and bf16 autocast."""
+    _need_sib(True)
+
+    def run(sib, clip, name):
+        model = _model()
+        if clip:
+            def hook(p):  # must return None
+                torch.nn.utils.clip_grad_norm_(p, max_norm=1e-3)
+            for p in fastmask.find_targets(model, "hf_llama").parameters():
+                p.register_post_accumulate_grad_hook(hook)
+        opt = _optimizer(model, sib=sib)
+        _trainer(model, opt, _args(tmp_path / name, bf16=True, max_steps=2)).train()
+        return model
+
+    clipped = run(True, True, "a")
+    _assert_same_params(clipped, run(False, True, "b"))
+    unclipped = run(True, False, "c")
+    assert any(not torch.equal(p, q) for p, q in zip(clipped.parameters(), unclipped.parameters()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,28 +253,22 @@ def test_masks_written_into_every_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("rebuild", ["same_masks", "no_masks"])
 @pytest.mark.parametrize("sib", [False, True], ids=["step", "step_in_backward"])
-def test_resume_is_bit_identical(tmp_path, rebuild, sib):
-    """6 steps straight vs 3 steps, a checkpoint, and a fresh model/optimizer/Trainer resuming from it
-    (random sampling, resumed mid-epoch; the resumed optimizer rebuilt with the masks read back from
-    the checkpoint, or without masks: it adopts those in optimizer.pt)."""
+def test_resume_is_bit_identical(tmp_path, straight_run, rebuild, sib):
+    """A fresh model, optimizer and Trainer resuming from checkpoint-3 of a 6-step run (random
+    sampling, so resumed mid-epoch) end where the uninterrupted run ended; the resumed optimizer is
+    rebuilt with the masks read back from the checkpoint, or without masks: it adopts those saved
+    in optimizer.pt."""
     _need_sib(sib)
-    kw = dict(max_steps=6, save_strategy="steps", save_steps=3, gradient_accumulation_steps=1)
-    straight = _model()
-    straight_opt = _optimizer(straight, sib=sib)
-    _trainer(straight, straight_opt, _args(tmp_path / "straight", **kw)).train()
-
-    first = _model()
-    _trainer(first, _optimizer(first, sib=sib), _args(tmp_path / "run", **kw)).train()
-    ckpt = tmp_path / "run" / "checkpoint-3"
-
+    params, state, ckpt = straight_run
     model = _model(seed=123)  # other weights: the Trainer loads checkpoint-3's
     opt = _optimizer(model, hf.load_masks(ckpt) if rebuild == "same_masks" else None, sib=sib)
     if rebuild == "no_masks":
         assert not opt.masks
-    _trainer(model, opt, _args(tmp_path / "run", **kw)).train(resume_from_checkpoint=str(ckpt))
+    _trainer(model, opt, _args(tmp_path, **RESUME)).train(resume_from_checkpoint=str(ckpt))
     assert hf.masks_of(opt, model) == _masks(model)
-    _assert_same_params(model, straight)
-    _assert_same_state(opt, straight_opt)
+    _assert_same_params(model, params)
+    _assert_same_state(opt, state)
+    assert hf.load_masks(tmp_path / "checkpoint-6") == _masks(model)
 
 
 # ----------------------------------------------------------------------------------------------
