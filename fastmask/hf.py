@@ -23,7 +23,8 @@ What the callback does:
   parameter stepped inside ``loss.backward()``, its gradient freed at once) the gradients are gone
   before the Trainer would clip or unscale them: ``max_grad_norm`` must be 0 (the Trainer's default
   is 1.0) and ``fp16=True`` (a GradScaler) is refused; train in ``bf16``, and clip per tensor from
-  a post-accumulate-grad hook registered before the optimizer is built if you need clipping.
+  a post-accumulate-grad hook registered before the optimizer is built if you need clipping (the
+  error message shows the four lines).
   ``gradient_accumulation_steps > 1`` works in that mode: the callback keeps the optimizer in
   :meth:`~fastmask.MaskedAdamW.accumulating` from the first micro-batch of each optimizer step to
   the Trainer's ``optimizer.step()``, which then steps the accumulated gradients (bit-identical to
@@ -43,7 +44,9 @@ then adopts the ones saved in ``optimizer.pt``. Gradient (activation) checkpoint
 works with both modes and gives the same parameters as training without it.
 
 Tested in one process (CPU). Under DeepSpeed the optimizer is DeepSpeed's own wrapper around
-flattened parameters, which a masked optimizer cannot work with: refused at the start.
+flattened parameters, which a masked optimizer cannot work with: refused at the start. FSDP
+through the Trainer is untested (build ``MaskedAdamW`` after ``fully_shard`` for FSDP2, see its
+docstring); ``step_in_backward`` is refused by ``MaskedAdamW`` itself under more than one process.
 
 Importing this module imports ``transformers`` (after :func:`fastmask.compat.patch_torchvision`,
 which a CPU torch next to a CUDA torchvision wheel needs); ``import fastmask`` alone never does.
@@ -172,8 +175,9 @@ class FastmaskCallback(TrainerCallback):
                 f"max_grad_norm: got {max_grad_norm} (the Trainer's default is 1.0), but the optimizer was built "
                 "with step_in_backward=True: every gradient is stepped and freed inside loss.backward(), so the "
                 "Trainer's global gradient-norm clipping would find no gradient and silently clip nothing. Set "
-                "TrainingArguments(max_grad_norm=0) (the logged grad_norm then reads 0). To clip, clip each "
-                "tensor on its own, from a post-accumulate-grad hook registered before the optimizer is built:\n"
+                "TrainingArguments(max_grad_norm=0) (the logged grad_norm then reads 0 without gradient accumulation). "
+                "To clip, clip each tensor on its own, from a post-accumulate-grad hook registered before the "
+                "optimizer is built (with gradient accumulation it clips the running sum after each micro-batch):\n"
                 f"{_CLIP_HINT}\n"
                 "or build the optimizer with step_in_backward=False to keep the Trainer's global clipping.")
         if getattr(args, "fp16", False):

@@ -8,7 +8,6 @@ checkpointing; the errors raised at the start of training.
 """
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
@@ -83,7 +82,8 @@ def _params(model) -> dict[str, torch.Tensor]:
 
 
 def _state(opt: fastmask.MaskedAdamW) -> dict:
-    return {k: {key: torch.as_tensor(v).clone() for key, v in st.items()} for k, st in opt.state_dict()["state"].items()}
+    return {k: {key: torch.as_tensor(v).clone() for key, v in st.items()}
+            for k, st in opt.state_dict()["state"].items()}
 
 
 def _assert_same_params(a: torch.nn.Module | dict, b: torch.nn.Module | dict) -> None:
