@@ -276,7 +276,9 @@ class MaskedAdamW(torch.optim.Optimizer):
     - Cannot work, because every gradient is gone before the backward pass returns: global
       gradient-norm clipping (``clip_grad_norm_`` would see no gradient and silently clip
       nothing; clip per tensor instead, from a post-accumulate-grad hook registered *before* the
-      optimizer is built, which therefore runs first), and ``torch.amp.GradScaler`` (its inf check
+      optimizer is built, which therefore runs first: ``def clip(p): clip_grad_norm_([p], 1.0)``,
+      then ``p.register_post_accumulate_grad_hook(clip)`` for each parameter; such a hook must
+      return ``None``, so not a ``lambda`` returning the norm), and ``torch.amp.GradScaler`` (its inf check
       would come after the step: ``scaler.step(opt)`` raises ``RuntimeError``; train in bf16
       autocast, which needs no scaler). Under ``torch.distributed`` with more than one rank (DDP,
       FSDP2) the hook would see this rank's gradient before it is reduced: refused with
