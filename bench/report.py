@@ -9,6 +9,14 @@ after the machine description). Times are the **median** of each case's
 rounds (robust on a shared machine; pytest-benchmark's JSON also holds mean, min, max, stddev).
 Effective bandwidth of a fastmask case = the device's line-level byte floor / time (64 B lines on
 a CPU, 32 B sectors on a GPU); of a dense baseline = its own bytes (N x 40 for fp32) / time.
+
+The language-model step (``bench/test_lm_step.py``) has its own section, between the lines
+``<!-- lm:start -->`` and ``<!-- lm:end -->``, and its own plot (``<json stem>.png`` from a JSON
+that holds only LM cases, ``<json stem>-lm.png`` otherwise). A JSON with only LM cases
+(``python -m bench.report bench/results-lm-cpu.json``) rewrites that section alone and leaves the
+rest of ``<name>.md`` as it is; a JSON without LM cases keeps the existing LM section. A
+hand-written block between ``<!-- lm-notes:start -->`` and ``<!-- lm-notes:end -->`` inside the
+LM section is kept.
 """
 from __future__ import annotations
 
@@ -281,6 +289,233 @@ def train_table(benchmarks: list[dict]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------
+# language-model step (bench/test_lm_step.py)
+# ------------------------------------------------------------------------------------------------
+LM_ORDER = ("full", "adamw_mlp", "original", "lora", "fastmask_1", "fastmask_10", "fastmask_1_bwd",
+            "fastmask_10_bwd")
+LM_WHAT = {
+    "full": "AdamW(fused) on every parameter",
+    "adamw_mlp": "AdamW(fused) on the MLP weights",
+    "original": "SPU-code style: dense bf16 mask (1%) x MLP grads, AdamW(foreach=False) per param",
+    "lora": "peft LoRA r=16 on gate/up/down_proj (fp32 adapters), AdamW(fused)",
+    "fastmask_1": "MaskedAdamW, 1% of the MLP weights",
+    "fastmask_10": "MaskedAdamW, 10% of the MLP weights",
+    "fastmask_1_bwd": "MaskedAdamW(step_in_backward=True), 1%",
+    "fastmask_10_bwd": "MaskedAdamW(step_in_backward=True), 10%",
+}
+# Goals (issue text): fastmask with the step in backward at 1% vs LoRA and full fine-tuning.
+LM_GOALS = [
+    ("peak memory, fastmask_1_bwd / lora", "fastmask_1_bwd", "lora", "peak", 1.1),
+    ("peak memory, fastmask_1_bwd / full", "fastmask_1_bwd", "full", "peak", 0.4),
+    ("time per step, fastmask_1_bwd / lora", "fastmask_1_bwd", "lora", "time", 1.1),
+]
+LM_START, LM_END = "<!-- lm:start -->", "<!-- lm:end -->"
+LM_NOTES_START, LM_NOTES_END = "<!-- lm-notes:start -->", "<!-- lm-notes:end -->"
+
+
+def is_lm(b: dict) -> bool:
+    return str(b["extra_info"].get("bench", "")).startswith("lm_step")
+
+
+def lm_rows(benchmarks: list[dict]) -> list[dict]:
+    """One row per (device, size, method) of ``test_lm_step``, in LM_ORDER."""
+    rows = []
+    for b in benchmarks:
+        e = b["extra_info"]
+        if e.get("bench") != "lm_step":
+            continue
+        peak = e.get("cuda_max_allocated_bytes") if e.get("device") == "cuda" else e.get("peak_rss_bytes")
+        rows.append(dict(
+            device=e["device"], size=e["size"], method=e["impl"], batch=e.get("batch"), seq=e.get("seq"),
+            params=e.get("params"), trainable=e.get("trainable"), N=e.get("N"), K=e.get("K"),
+            t=_t(b), t_sub=e.get("subprocess_median_s"), peak=peak, peak_rss=e.get("peak_rss_bytes"),
+            setup=e.get("rss_setup_bytes"), imports=e.get("rss_imports_bytes"),
+            train=e.get("train_rss_bytes"), cuda_peak=e.get("cuda_max_allocated_bytes"),
+            state=e.get("opt_state_bytes", e.get("opt_state_bytes_inproc")), grad=e.get("grad_bytes"),
+            check=e.get("check"),
+        ))
+    order = {m: i for i, m in enumerate(LM_ORDER)}
+    sizes = {"tiny": 0, "small": 1, "400m": 2}
+    rows.sort(key=lambda r: (r["device"], sizes.get(r["size"], 9), order.get(r["method"], 99)))
+    return rows
+
+
+def lm_paired(benchmarks: list[dict]) -> list[dict]:
+    return [b["extra_info"] for b in benchmarks if b["extra_info"].get("bench") == "lm_step_paired"]
+
+
+def _lm_ref(rows: list[dict], r: dict, method: str) -> dict | None:
+    return next((x for x in rows if x["device"] == r["device"] and x["size"] == r["size"]
+                 and x["method"] == method), None)
+
+
+def _ratio(a, b) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def lm_table(rows: list[dict]) -> list[str]:
+    out = ["| size | method | what | trainable | peak MB | x lora | x full | set-up MB | training adds MB "
+           "| peak - imports MB | grads at step MB | opt. state MB | ms/step | x lora | x full "
+           "| ms/step (subprocess) |", "|" + "---|" * 16]
+    for r in rows:
+        lo, fu = _lm_ref(rows, r, "lora"), _lm_ref(rows, r, "full")
+        pim = r["peak_rss"] - r["imports"] if r["peak_rss"] is not None and r["imports"] is not None else None
+        ratio = lambda a, ref, k: "-" if ref is None or _ratio(a, ref[k]) is None else f"{_ratio(a, ref[k]):.2f}"
+        out.append(
+            f"| {r['size']} | {r['method']} | {LM_WHAT.get(r['method'], '')} | {r['trainable']:,} "
+            f"| {_mb(r['peak'])} | {ratio(r['peak'], lo, 'peak')} | {ratio(r['peak'], fu, 'peak')} "
+            f"| {_mb(r['setup'])} | {_mb(r['train'])} | {_mb(pim)} | {_mb(r['grad'])} | {_mb(r['state'])} "
+            f"| {_ms(r['t'])} | {ratio(r['t'], lo, 't')} | {ratio(r['t'], fu, 't')} | {_ms(r['t_sub'])} |")
+    return out
+
+
+def lm_paired_table(paired: list[dict]) -> list[str]:
+    out = []
+    for e in paired:
+        p = e["paired"]
+        ref = p["methods"][0]
+        out += [f"Size {e['size']}, {e['device']}, {p['rounds']} rounds (load average at the end: "
+                f"{_load(p.get('loadavg'))}):", "",
+                f"| method | ms/step (median) | time / {ref} (median of per-round ratios) | per-round ratios |",
+                "|---|---|---|---|"]
+        for m in p["methods"]:
+            per = [a / b for a, b in zip(p["step_s"][m], p["step_s"][ref])]
+            out.append(f"| {m} | {_ms(p['median_s'][m])} | {p['ratio_vs'][ref][m]:.3f} "
+                       f"| {', '.join(f'{x:.2f}' for x in per)} |")
+        out.append("")
+    return out[:-1] if out else out
+
+
+def lm_goals(rows: list[dict], paired: list[dict]) -> list[str]:
+    out = ["| goal | size | device | target | measured | from | status |", "|---|---|---|---|---|---|---|"]
+    found = False
+    for key in sorted({(r["device"], r["size"]) for r in rows}):
+        by = {r["method"]: r for r in rows if (r["device"], r["size"]) == key}
+        for label, a, b, kind, target in LM_GOALS:
+            if a not in by or b not in by:
+                continue
+            src = "separate cases (pytest-benchmark medians)" if kind == "time" else (
+                "CUDA max_memory_allocated" if key[0] == "cuda" else "peak RSS over the steps")
+            v = _ratio(by[a]["peak" if kind == "peak" else "t"], by[b]["peak" if kind == "peak" else "t"])
+            if kind == "time":
+                pe = next((e["paired"] for e in paired if (e["device"], e["size"]) == key
+                           and a in e["paired"]["methods"] and e["paired"]["methods"][0] == b), None)
+                if pe:
+                    v, src = pe["ratio_vs"][b][a], f"interleaved, {pe['rounds']} rounds"
+            if v is None:
+                continue
+            found = True
+            out.append(f"| {label} | {key[1]} | {key[0]} | <= {target:g} | {v:.2f} | {src} "
+                       f"| {'met' if v <= target else 'not met'} |")
+            if kind == "peak" and key[0] == "cpu":
+                ia, ib = by[a].get("imports"), by[b].get("imports")
+                if ia is not None and ib is not None and by[a]["peak_rss"] and by[b]["peak_rss"]:
+                    w = (by[a]["peak_rss"] - ia) / (by[b]["peak_rss"] - ib)
+                    out.append(f"| {label}, without the libraries (peak - RSS after imports) | {key[1]} | {key[0]} "
+                               f"| <= {target:g} | {w:.2f} | peak RSS - RSS after imports | "
+                               f"{'met' if w <= target else 'not met'} |")
+    return out if found else []
+
+
+def lm_plot(rows: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no LM plot", file=sys.stderr)
+        return False
+    panels = sorted({(r["device"], r["size"]) for r in rows}, key=lambda k: (k[0], {"tiny": 0, "small": 1}.get(k[1], 2)))
+    if not panels:
+        return False
+    fig, axes = plt.subplots(len(panels), 2, figsize=(13, 3.8 * len(panels)), squeeze=False)
+    for (dev, size), (ax_m, ax_t) in zip(panels, axes):
+        sel = [r for r in rows if (r["device"], r["size"]) == (dev, size)]
+        names = [r["method"] for r in sel]
+        x = range(len(sel))
+        if dev == "cuda":
+            ax_m.bar(x, [(r["peak"] or 0) / 1e6 for r in sel], color="C0", label="CUDA max allocated")
+        else:
+            base = [(r["imports"] or 0) / 1e6 for r in sel]
+            setup = [((r["setup"] or 0) - (r["imports"] or 0)) / 1e6 for r in sel]
+            train = [max(0, (r["peak"] or 0) - (r["setup"] or 0)) / 1e6 for r in sel]
+            ax_m.bar(x, base, color="0.75", label="after imports")
+            ax_m.bar(x, setup, bottom=base, color="C0", label="model, masks, optimizer (set-up)")
+            ax_m.bar(x, train, bottom=[a + b for a, b in zip(base, setup)], color="C3", label="added by training steps")
+        for i, r in enumerate(sel):
+            if r["peak"]:
+                ax_m.text(i, r["peak"] / 1e6, f"{r['peak'] / 1e6:.0f}", ha="center", va="bottom", fontsize=7)
+        ax_m.set_xticks(list(x), names, rotation=30, ha="right", fontsize=8)
+        ax_m.set_ylabel("peak memory, MB")
+        ax_m.set_title(f"LM step, {size}, {dev}: peak memory", fontsize=10)
+        ax_m.legend(fontsize=7, loc="upper right")
+        ax_m.grid(axis="y", alpha=0.3)
+        ax_t.bar(x, [r["t"] * 1e3 for r in sel], color=["C2" if n.startswith("fastmask") else "C7" for n in names])
+        ax_t.set_xticks(list(x), names, rotation=30, ha="right", fontsize=8)
+        ax_t.set_ylabel("ms per step (median)")
+        ax_t.set_title(f"LM step, {size}, {dev}: time per step (separate cases)", fontsize=10)
+        ax_t.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _lm_notes(text: str | None) -> str | None:
+    if not text:
+        return None
+    a, b = text.find(LM_NOTES_START), text.find(LM_NOTES_END)
+    return text[a : b + len(LM_NOTES_END)] if 0 <= a < b else None
+
+
+def _lm_block(text: str | None) -> str | None:
+    if not text:
+        return None
+    a, b = text.find(LM_START), text.find(LM_END)
+    return text[a : b + len(LM_END)] if 0 <= a < b else None
+
+
+def render_lm(data: dict, json_name: str, png_name: str | None, notes: str | None = None) -> str:
+    """The LM section, markers included."""
+    bms = data["benchmarks"]
+    rows = lm_rows(bms)
+    paired = lm_paired(bms)
+    lines = [LM_START, "## Language-model training step: fastmask vs LoRA vs dense AdamW", "",
+             f"Generated by `python -m bench.report {json_name}` from `bench/test_lm_step.py` "
+             "(`bench/lm_step.py` has the set-up). One training step (forward, backward, optimizer step) of a "
+             "randomly initialised `transformers.LlamaForCausalLM` built from a config (nothing downloaded), "
+             "bf16 parameters, random token ids as their own labels; lr 1e-5, weight decay 0. Target set: "
+             "all MLP weights (`gate_proj`, `up_proj`, `down_proj` of every layer: "
+             "`find_targets(model, 'hf_llama_mlp')`; the detected preset `hf_llama` leaves `down_proj` out); "
+             "everything else frozen except for `full`. fastmask masks: `fastmask.select` per tensor on "
+             "uniform random scores (masks are not what is measured). Memory: a fresh subprocess per case; "
+             "`peak` is the peak RSS over one warm-up and 3 timed steps (`VmHWM`, reset right after set-up "
+             "via `/proc/self/clear_refs`), or `torch.cuda.max_memory_allocated` on a GPU; `set-up` the RSS "
+             "with model, data, masks and optimizer built; `peak - imports` leaves out the ~0.5 GB of "
+             "Python, torch, transformers and peft that every case has. `grads at step`: bytes of `.grad` "
+             "held right after `backward()` (0 with the step in backward). Time: pytest-benchmark's median "
+             "in the test process; the subprocess's median is a cross-check; the interleaved table is the "
+             "one to trust for ratios on a shared machine.", ""]
+    lines += _machine(data)
+    lines += ["", "Reproduce: `python -m pytest bench/test_lm_step.py --benchmark-only --lm-size 400m "
+              "--benchmark-json=bench/results-lm-cpu.json && python -m bench.report bench/results-lm-cpu.json`"]
+    if notes:
+        lines += ["", notes]
+    goals = lm_goals(rows, paired)
+    if goals:
+        lines += ["", "### Goals", ""] + goals
+    if rows:
+        lines += ["", "### Memory and time per method", ""] + lm_table(rows)
+    if paired:
+        lines += ["", "### Time per step, interleaved in one process", ""] + lm_paired_table(paired)
+    if png_name:
+        lines += ["", f"![LM step: peak memory and time per step]({png_name})"]
+    lines.append(LM_END)
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
 # plot
 # ------------------------------------------------------------------------------------------------
 def plot(benchmarks: list[dict], path: Path) -> bool:
@@ -412,12 +647,35 @@ def main(argv=None) -> int:
     data = load(args.json)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    png = out / (Path(args.json).stem + ".png")
-    have_png = plot(data["benchmarks"], png)
     md_path = out / f"{args.name}.md"
-    md = render(data, args.json, png.name if have_png else None, _notes(md_path))
+    old = md_path.read_text() if md_path.is_file() else None
+    bms = data["benchmarks"]
+    lm = [b for b in bms if is_lm(b)]
+    rest = [b for b in bms if not is_lm(b)]
+    stem = Path(args.json).stem
+    written = []
+    lm_block = _lm_block(old)
+    if lm:
+        lm_png = out / (stem + ("-lm.png" if rest else ".png"))
+        have_lm_png = lm_plot(lm_rows(lm), lm_png)
+        written += [str(lm_png)] if have_lm_png else []
+        lm_block = render_lm({**data, "benchmarks": lm}, args.json, lm_png.name if have_lm_png else None,
+                             _lm_notes(lm_block))
+    if rest or old is None:
+        png = out / (stem + ".png")
+        have_png = plot(rest, png) if rest else False
+        written += [str(png)] if have_png else []
+        md = render({**data, "benchmarks": rest}, args.json, png.name if have_png else None, _notes(md_path))
+        if lm_block:
+            md += "\n" + lm_block + "\n"
+    else:  # LM cases only: replace (or append) the LM section, keep everything else as it is
+        a, b = old.find(LM_START), old.find(LM_END)
+        if 0 <= a < b:
+            md = old[:a] + lm_block + old[b + len(LM_END):]
+        else:
+            md = old.rstrip("\n") + "\n\n" + lm_block + "\n"
     md_path.write_text(md)
-    print(f"wrote {out / (args.name + '.md')}" + (f" and {png}" if have_png else ""))
+    print(f"wrote {md_path}" + (f" and {', '.join(written)}" if written else ""))
     return 0
 
 
