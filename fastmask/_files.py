@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import uuid
+from collections.abc import Mapping
 
 
 def write_atomic(where: str, data: bytes, what: str) -> None:
@@ -29,3 +31,18 @@ def write_atomic(where: str, data: bytes, what: str) -> None:
             raise type(e)(e.errno, f"cannot write the {what} file ({e.strerror})", where) from e
         raise
 
+
+
+def safetensors_bytes(tensors: Mapping, metadata: Mapping[str, str] | None = None) -> bytes:
+    """``safetensors.torch.save``, with a reproducible header: safetensors writes the metadata in
+    a per-process random (hash) order, so equal content gave files of different bytes. The header
+    is rewritten with sorted keys (the tensor data and its offsets are unchanged), so equal
+    content always gives the same file."""
+    from safetensors.torch import save
+
+    data = save(dict(tensors), metadata=dict(metadata) if metadata is not None else None)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the header stays 8-byte aligned, as safetensors writes it
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]

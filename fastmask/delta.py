@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ._checks import check_indices
-from ._files import write_atomic
+from ._files import safetensors_bytes, write_atomic
 from ._version import __version__
 from .masks import MaskSet, _check_shape, _open_safetensors
 
@@ -197,9 +197,7 @@ def export(trained: nn.Module | Mapping[str, torch.Tensor], base: nn.Module | Ma
         "model_numel": str(sum(v.numel() for v in bs.values())),
         "model_bytes": str(sum(v.numel() * v.element_size() for v in bs.values())),
     })
-    from safetensors.torch import save as serialize
-
-    write_atomic(where, serialize(tensors, metadata=user), "delta")
+    write_atomic(where, safetensors_bytes(tensors, metadata=user), "delta")
     return info(where)
 
 
@@ -431,9 +429,7 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike) 
     """Save a state dict whole or not at all (safetensors for ``.safetensors``, else ``torch.save``)."""
     where = os.fspath(path)
     if where.endswith(".safetensors"):
-        from safetensors.torch import save as serialize
-
-        data = serialize({k: v.contiguous() for k, v in state.items()})
+        data = safetensors_bytes({k: v.contiguous() for k, v in state.items()})
     else:
         import io
 

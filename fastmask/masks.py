@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ._checks import check_indices
-from ._files import write_atomic
+from ._files import safetensors_bytes, write_atomic
 from ._version import __version__
 
 __all__ = ["Mask", "MaskSet", "select", "num_selected"]
@@ -310,10 +310,9 @@ class MaskSet(Mapping[str, Mask]):
         """Write to a safetensors file: one int32 tensor per parameter, shapes in the metadata.
 
         The file is written whole or not at all: everything is checked and serialized first, then
-        written to a temporary file next to ``path`` and renamed over it.
+        written to a temporary file next to ``path`` and renamed over it. Equal masks and metadata
+        give byte-identical files.
         """
-        from safetensors.torch import save as serialize
-
         where = os.fspath(path)
         if metadata is not None and not isinstance(metadata, Mapping):
             raise TypeError(f"{where}: metadata: expected a mapping of strings, got {type(metadata).__name__}")
@@ -334,7 +333,7 @@ class MaskSet(Mapping[str, Mask]):
             "fastmask_version": __version__,
             "shapes": json.dumps({n: list(m.shape) for n, m in self._masks.items()}),
         })
-        data = serialize({n: m.indices for n, m in self._masks.items()}, metadata=meta)
+        data = safetensors_bytes({n: m.indices for n, m in self._masks.items()}, metadata=meta)
         write_atomic(where, data, "MaskSet")  # through a symlink, as writing in place would
 
     @classmethod
