@@ -23,7 +23,7 @@ Options (comma-separated lists):
   64 px, quick on a CPU), ``tiny`` (tests.utils.tiny_open_clip), or an open_clip model name such
   as ``ViT-B-16``. Default ``auto``: ``tiny`` when ``--shapes tiny`` alone (CI), else ``small``.
 - ``--e2e-batch``: its batch size (default 8).
-- ``--lm-size``: the language-model step's size (``bench/lm_step.py``): ``tiny``, ``small`` or
+- ``--lm-size``: the language-model step's sizes (``bench/lm_step.py``): ``tiny``, ``small``,
   ``400m``. Default ``auto``: ``tiny`` when ``--shapes tiny`` alone (CI), else ``400m``.
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ def pytest_addoption(parser):
                 help="end-to-end model: auto (tiny for --shapes tiny, else small), small, tiny or an open_clip name")
     g.addoption("--e2e-batch", type=int, default=8, help="end-to-end batch size (default 8)")
     g.addoption("--lm-size", default="auto",
-                help="language-model step (test_lm_step.py): auto (tiny for --shapes tiny, else 400m), tiny, small, 400m")
+                help="language-model step sizes (test_lm_step.py): auto (tiny for --shapes tiny, else 400m), tiny, small, 400m")
 
 
 def _split(value: str) -> list[str]:
@@ -96,9 +96,9 @@ class Options:
         if self.e2e_model == "auto":
             self.e2e_model = "tiny" if self.shapes == ["tiny"] else "small"
         self.e2e_batch = config.getoption("--e2e-batch")
-        self.lm_size = config.getoption("--lm-size")
-        if self.lm_size == "auto":
-            self.lm_size = "tiny" if self.shapes == ["tiny"] else "400m"
+        self.lm_sizes = _split(config.getoption("--lm-size"))
+        if self.lm_sizes == ["auto"]:
+            self.lm_sizes = ["tiny"] if self.shapes == ["tiny"] else ["400m"]
 
     def backends(self, device: str) -> list[str]:
         """Every fastmask backend the registry reports available for the device type."""

@@ -148,7 +148,8 @@ def random_masks(targets: dict[str, torch.nn.Parameter], density: float, seed: i
 class Case:
     """Model, data and optimizer of one method; ``step()`` runs one training step.
 
-    ``keep_initial=True`` keeps a copy of the MLP weights (for :meth:`check`)."""
+    ``keep_initial=True`` keeps a copy of the MLP weights and the masks (for :meth:`check`);
+    otherwise the ``MaskSet`` is dropped once the optimizer (which copies the indices) is built."""
 
     def __init__(self, size: str, method: str, device: str = "cpu", keep_initial: bool = False,
                  lr: float = LR):
@@ -203,6 +204,10 @@ class Case:
             else:
                 kw = dict(step_in_backward=True) if self.step_in_backward else {}
                 self.opt = fastmask.MaskedAdamW(params, lr=lr, weight_decay=WD, masks=self.masks, model=model, **kw)
+        if not keep_initial:
+            # the optimizer holds its own copy of the indices (MaskedAdamW) or the dense masks
+            # (original): a training loop need not keep the MaskSet, so it is not counted
+            self.masks = None
         self.model = model
         self.trainable_params = [p for p in model.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in self.trainable_params)

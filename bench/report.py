@@ -405,14 +405,14 @@ def lm_goals(rows: list[dict], paired: list[dict]) -> list[str]:
             if v is None:
                 continue
             found = True
-            out.append(f"| {label} | {key[1]} | {key[0]} | <= {target:g} | {v:.2f} | {src} "
+            out.append(f"| {label} | {key[1]} | {key[0]} | <= {target:g} | {v:.3f} | {src} "
                        f"| {'met' if v <= target else 'not met'} |")
             if kind == "peak" and key[0] == "cpu":
                 ia, ib = by[a].get("imports"), by[b].get("imports")
                 if ia is not None and ib is not None and by[a]["peak_rss"] and by[b]["peak_rss"]:
                     w = (by[a]["peak_rss"] - ia) / (by[b]["peak_rss"] - ib)
                     out.append(f"| {label}, without the libraries (peak - RSS after imports) | {key[1]} | {key[0]} "
-                               f"| <= {target:g} | {w:.2f} | peak RSS - RSS after imports | "
+                               f"| <= {target:g} | {w:.3f} | peak RSS - RSS after imports | "
                                f"{'met' if w <= target else 'not met'} |")
     return out if found else []
 
@@ -446,12 +446,19 @@ def lm_plot(rows: list[dict], path: Path) -> bool:
         for i, r in enumerate(sel):
             if r["peak"]:
                 ax_m.text(i, r["peak"] / 1e6, f"{r['peak'] / 1e6:.0f}", ha="center", va="bottom", fontsize=7)
+        ax_m.set_ylim(0, 1.3 * max((r["peak"] or 0) / 1e6 for r in sel))  # room for the legend
         ax_m.set_xticks(list(x), names, rotation=30, ha="right", fontsize=8)
         ax_m.set_ylabel("peak memory, MB")
         ax_m.set_title(f"LM step, {size}, {dev}: peak memory", fontsize=10)
         ax_m.legend(fontsize=7, loc="upper right")
         ax_m.grid(axis="y", alpha=0.3)
         ax_t.bar(x, [r["t"] * 1e3 for r in sel], color=["C2" if n.startswith("fastmask") else "C7" for n in names])
+        lora = next((r["t"] for r in sel if r["method"] == "lora"), None)
+        if lora:
+            ax_t.axhline(lora * 1e3, color="k", lw=0.8, ls="--", label="lora")
+            ax_t.axhline(1.1 * lora * 1e3, color="k", lw=0.8, ls=":", label="1.1 x lora (goal)")
+            ax_t.legend(fontsize=7, loc="upper right")
+            ax_t.set_ylim(0, 1.25 * max(r["t"] * 1e3 for r in sel))
         ax_t.set_xticks(list(x), names, rotation=30, ha="right", fontsize=8)
         ax_t.set_ylabel("ms per step (median)")
         ax_t.set_title(f"LM step, {size}, {dev}: time per step (separate cases)", fontsize=10)
@@ -498,8 +505,11 @@ def render_lm(data: dict, json_name: str, png_name: str | None, notes: str | Non
              "in the test process; the subprocess's median is a cross-check; the interleaved table is the "
              "one to trust for ratios on a shared machine.", ""]
     lines += _machine(data)
-    lines += ["", "Reproduce: `python -m pytest bench/test_lm_step.py --benchmark-only --lm-size 400m "
-              "--benchmark-json=bench/results-lm-cpu.json && python -m bench.report bench/results-lm-cpu.json`"]
+    lines += ["", "Reproduce (about 8 minutes on 2 cores; one thread, so that other processes on a shared machine "
+              "cannot stall OpenMP's barriers): `OMP_NUM_THREADS=1 python -m pytest bench/test_lm_step.py "
+              "--benchmark-only --lm-size tiny,400m --paired-rounds 7 --benchmark-json=bench/results-lm-cpu.json && "
+              "python -m bench.report bench/results-lm-cpu.json`; one case: `python -m bench.lm_step --size 400m "
+              "--method fastmask_1_bwd --steps 3 --json`"]
     if notes:
         lines += ["", notes]
     goals = lm_goals(rows, paired)

@@ -13,8 +13,8 @@ peft), fastmask at 1% and 10% of the MLP weights, and fastmask with the step in 
   fine-tuning timed interleaved in one process (``--paired-rounds`` rounds): the time ratios to
   trust on a shared machine.
 
-The size is ``--lm-size`` (default: ``tiny`` with ``--shapes tiny`` alone, else ``400m``, ~10 min on
-2 CPU cores). With ``--benchmark-disable`` (smoke) only the ``lora`` and ``fastmask_1_bwd`` cases
+The sizes are ``--lm-size`` (default: ``tiny`` with ``--shapes tiny`` alone, else ``400m``, ~7 min
+on 2 CPU cores; ``tiny,400m`` for both). With ``--benchmark-disable`` (smoke) only the ``lora`` and ``fastmask_1_bwd`` cases
 (``fastmask_1`` where the step in backward is missing) spawn the memory subprocess, with 1 step.
 """
 from __future__ import annotations
@@ -37,11 +37,15 @@ PAIRED = ("lora", "fastmask_1_bwd", "fastmask_1", "full")
 
 def pytest_generate_tests(metafunc):
     o = options(metafunc.config)
+    for s in o.lm_sizes:
+        if s not in lm_step.SIZES:
+            raise pytest.UsageError(f"--lm-size: unknown size {s!r}; known: {', '.join(lm_step.SIZES)}")
     if "lm_case" in metafunc.fixturenames:
-        metafunc.parametrize("lm_case", [pytest.param((dev, m), id=f"{o.lm_size}-{dev}-{m}")
+        metafunc.parametrize("lm_case", [pytest.param((size, dev, m), id=f"{size}-{dev}-{m}") for size in o.lm_sizes
                                          for dev in o.devices for m in lm_step.METHODS])
-    if "lm_paired_device" in metafunc.fixturenames:
-        metafunc.parametrize("lm_paired_device", [pytest.param(dev, id=f"{o.lm_size}-{dev}") for dev in o.devices])
+    if "lm_paired" in metafunc.fixturenames:
+        metafunc.parametrize("lm_paired", [pytest.param((size, dev), id=f"{size}-{dev}") for size in o.lm_sizes
+                                           for dev in o.devices])
 
 
 def _subprocess(args: list[str]) -> subprocess.CompletedProcess:
@@ -84,12 +88,11 @@ def _check(c: lm_step.Case) -> dict:
 
 
 def test_lm_step(benchmark, lm_case, opts, request):
-    device, method = lm_case
+    size, device, method = lm_case
     why = lm_step.unavailable(method)
     if why:
         pytest.skip(f"{method}: {why}")
     disabled = request.config.getoption("benchmark_disable", False)
-    size = opts.lm_size
     c = lm_step.Case(size, method, device, keep_initial=True)
     info = benchmark.extra_info
     info.update(bench="lm_step", size=size, impl=method, device=device, dtype="bf16", batch=c.batch, seq=c.seq,
@@ -122,13 +125,13 @@ def test_lm_step(benchmark, lm_case, opts, request):
         assert mem["opt_state_bytes"] == info["opt_state_bytes_inproc"]
 
 
-def test_lm_step_paired(benchmark, lm_paired_device, opts, request):
+def test_lm_step_paired(benchmark, lm_paired, opts, request):
     """The paired (interleaved) time comparison, in a subprocess (the models are freed with it)."""
+    size, device = lm_paired
     disabled = request.config.getoption("benchmark_disable", False)
     methods = [m for m in PAIRED if not lm_step.unavailable(m)]
     rounds = 1 if disabled else opts.paired_rounds
-    args = ["--size", opts.lm_size, "--paired", ",".join(methods), "--rounds", str(rounds),
-            "--device", lm_paired_device]
+    args = ["--size", size, "--paired", ",".join(methods), "--rounds", str(rounds), "--device", device]
     out: dict = {}
 
     def run():
@@ -136,5 +139,4 @@ def test_lm_step_paired(benchmark, lm_paired_device, opts, request):
 
     benchmark.pedantic(run, rounds=1, iterations=1)
     assert set(out["median_s"]) == set(methods)
-    benchmark.extra_info.update(bench="lm_step_paired", size=opts.lm_size, device=lm_paired_device, dtype="bf16",
-                                paired=out)
+    benchmark.extra_info.update(bench="lm_step_paired", size=size, device=device, dtype="bf16", paired=out)
