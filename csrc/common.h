@@ -32,6 +32,7 @@
   "float eps, float weight_decay, bool maximize, Tensor(d!)? max_exp_avg_sq, Tensor? grad_scale, "   \
   "Tensor? found_inf, Tensor(e!)[] scores, str score_mode) -> ()"
 #define FASTMASK_SCORE_SCHEMA "score_accumulate_(Tensor(a!)[] scores, Tensor[] grads, str score_mode) -> ()"
+#define FASTMASK_SAMPLED_SCHEMA "sampled_weight_grad(Tensor grad_out, Tensor input, Tensor idx) -> Tensor"
 
 namespace fastmask {
 

@@ -9,6 +9,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <string>
 #include <vector>
 
@@ -105,6 +107,55 @@ void score_accumulate_cpu(at::TensorList scores, at::TensorList grads, c10::stri
   cpu::score_accumulate(tensors.data(), static_cast<int64_t>(tensors.size()), mode, at::get_num_threads());
 }
 
+// Weight gradient of a linear layer at selected entries only: out[j] = sum_t grad_out[t, r] * input[t, c]
+// for idx[j] = r * in + c (in = input.size(1)), in fp32 whatever the input dtype. Both operands are
+// first transposed to fp32 rows ([out, T] and [in, T]), so each entry is one dot product of two
+// contiguous rows; sorted indices keep a row of grad_out in L1 across its entries. An index outside
+// [0, out * in) gives no value (its output stays 0) and raises after the loop, naming it.
+at::Tensor sampled_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& idx) {
+  TORCH_CHECK(grad_out.dim() == 2 && input.dim() == 2 && grad_out.size(0) == input.size(0),
+              "sampled_weight_grad: expected grad_out [T, out] and input [T, in]");
+  TORCH_CHECK(grad_out.device().is_cpu() && input.device().is_cpu() && idx.device().is_cpu(),
+              "sampled_weight_grad: all tensors must be on the CPU");
+  TORCH_CHECK(idx.scalar_type() == at::kInt && idx.dim() == 1 && idx.is_contiguous(),
+              "idx: expected a contiguous 1-D int32 tensor");
+  const int64_t T = grad_out.size(0), n_out = grad_out.size(1), n_in = input.size(1), k = idx.numel();
+  const at::Tensor a = grad_out.t().to(at::kFloat).contiguous();  // [out, T]
+  const at::Tensor b = input.t().to(at::kFloat).contiguous();     // [in, T]
+  at::Tensor out = at::zeros({k}, grad_out.options().dtype(at::kFloat));
+  const float* pa = a.data_ptr<float>();
+  const float* pb = b.data_ptr<float>();
+  const int32_t* pi = idx.data_ptr<int32_t>();
+  float* po = out.data_ptr<float>();
+  const uint64_t numel = static_cast<uint64_t>(n_out) * static_cast<uint64_t>(n_in);
+  std::atomic<int64_t> bad{0};
+  std::atomic<int64_t> first_bad{INT64_MAX};
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(T, 1));
+  at::parallel_for(0, k, grain, [&](int64_t lo, int64_t hi) {
+    for (int64_t j = lo; j < hi; ++j) {
+      const int64_t q = pi[j];
+      if (static_cast<uint64_t>(q) >= numel) {
+        bad.fetch_add(1, std::memory_order_relaxed);
+        int64_t cur = first_bad.load(std::memory_order_relaxed);
+        while (j < cur && !first_bad.compare_exchange_weak(cur, j, std::memory_order_relaxed)) {
+        }
+        continue;
+      }
+      const float* x = pa + (q / n_in) * T;
+      const float* y = pb + (q % n_in) * T;
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t t = 0; t < T; ++t) s += x[t] * y[t];
+      po[j] = s;
+    }
+  });
+  const int64_t nbad = bad.load();
+  TORCH_CHECK_INDEX(nbad == 0, "idx: ", nbad, nbad == 1 ? " index is" : " indices are", " outside [0, ", numel,
+                    ") for a weight of shape [", n_out, ", ", n_in, "]; the first at position ", first_bad.load(),
+                    " is ", nbad ? pi[first_bad.load()] : 0);
+  return out;
+}
+
 std::string cpu_isa() { return cpu::isa_name(); }
 
 }  // namespace
@@ -113,6 +164,7 @@ std::string cpu_isa() { return cpu::isa_name(); }
 TORCH_LIBRARY(fastmask_ext, m) {
   m.def(FASTMASK_STEP_SCHEMA);
   m.def(FASTMASK_SCORE_SCHEMA);
+  m.def(FASTMASK_SAMPLED_SCHEMA);
   // Which CPU instruction-set variant the kernels use here (diagnostics).
   m.def("cpu_isa() -> str", &fastmask::cpu_isa);
 }
@@ -120,4 +172,5 @@ TORCH_LIBRARY(fastmask_ext, m) {
 TORCH_LIBRARY_IMPL(fastmask_ext, CPU, m) {
   m.impl("masked_adamw_step_", &fastmask::masked_adamw_step_cpu);
   m.impl("score_accumulate_", &fastmask::score_accumulate_cpu);
+  m.impl("sampled_weight_grad", &fastmask::sampled_weight_grad_cpu);
 }

@@ -11,14 +11,16 @@ agreement checked by MaskedAdamW, masked_allreduce_hook for DDP.
 Sparse deltas (fastmask.delta): export what training changed as (indices, XOR bits) per masked
 tensor, apply/revert it bit-exactly, refusing other base weights; ``fastmask delta`` on the CLI.
 """
-from . import backends, delta, distributed, ops, optim
+from . import backends, delta, distributed, grads, ops, optim
 from ._version import __version__
+from .grads import sampled_weight_grads
 from .masks import Mask, MaskSet, num_selected, select
 from .optim import MaskedAdamW
 from .scoring import score
 from .targets import PRESETS, Preset, Targets, find_targets, freeze
 
 __all__ = [
-    "__version__", "backends", "delta", "distributed", "ops", "optim", "Mask", "MaskSet", "MaskedAdamW",
-    "num_selected", "select", "score", "PRESETS", "Preset", "Targets", "find_targets", "freeze",
+    "__version__", "backends", "delta", "distributed", "grads", "ops", "optim", "Mask", "MaskSet", "MaskedAdamW",
+    "num_selected", "select", "score", "sampled_weight_grads", "PRESETS", "Preset", "Targets", "find_targets",
+    "freeze",
 ]

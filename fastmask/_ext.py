@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["why_not", "why_not_call", "masked_adamw_step_", "score_accumulate_", "build_jit", "info", "load"]
+__all__ = ["why_not", "why_not_call", "why_not_op", "masked_adamw_step_", "score_accumulate_", "sampled_weight_grad",
+           "build_jit", "info", "load"]
 
 _PKG_DIR = Path(__file__).resolve().parent
 _LIB_NAME = "_C"
@@ -266,3 +267,17 @@ def score_accumulate_(scores, grads, score_mode) -> None:
 
 # Load (or build) at import, so `backends` learns the reason at once; never raises.
 load()
+
+
+def why_not_op(op: str, device_type: str) -> str | None:
+    """Why this build has no kernel for ``op`` on ``device_type`` (None: it has one)."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if not hasattr(torch.ops.fastmask_ext, op):
+        return f"the loaded extension has no {op} (built from older sources: rebuild it)"
+    if key is None or not torch._C._dispatch_has_kernel_for_dispatch_key(f"fastmask_ext::{op}", key):
+        return f"the compiled extension has no {device_type} kernel for {op}"
+    return None
+
+
+def sampled_weight_grad(grad_out, input, idx):
+    return torch.ops.fastmask_ext.sampled_weight_grad(grad_out, input, idx)

@@ -8,7 +8,9 @@ lazily, the first time one is asked for; an import failure becomes its reason.
 A backend may also define ``why_not_call(param_dtype, contiguous) -> str | None``: why it cannot
 serve a masked step on params of that dtype and layout (the compiled kernels take contiguous
 float32/bfloat16/float16 params and grads; the reference takes every real floating dtype and any
-strided layout).
+strided layout). Not every backend has every op (``sampled_weight_grad`` has a C++ CPU kernel and
+the reference): a backend without a kernel for a call's op (:attr:`Call.op`; a module may also
+define ``why_not_op(op, device_type)``) is skipped for that call.
 
 Dispatch, per device type and call (:class:`Call`), takes the first available backend in
 :data:`PREFERENCE` that can serve the call; the ``reference`` backend runs anywhere, on anything,
@@ -53,6 +55,7 @@ class Call:
 
     dtype: object = None  # param dtype (torch.dtype)
     contiguous: bool = True  # params and grads all contiguous
+    op: str = "masked_adamw_step_"  # which op: a backend without a kernel for it cannot serve the call
 
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastmask_backend", default=None)
@@ -137,9 +140,16 @@ def why_not(name: str, device_type: str) -> str | None:
 def why_not_call(name: str, device_type: str, call: Call | None) -> str | None:
     """Why backend ``name`` cannot serve ``call`` on ``device_type`` (``None``: it can)."""
     reason = why_not(name, device_type)
-    if reason is not None or call is None or call.dtype is None:
+    if reason is not None or call is None:
         return reason
-    check = getattr(_loaded[name], "why_not_call", None)
+    mod = _loaded[name]
+    if not callable(getattr(mod, call.op, None)):
+        return f"no kernel for {call.op}"
+    op_check = getattr(mod, "why_not_op", None)
+    reason = None if op_check is None else op_check(call.op, device_type)
+    if reason is not None or call.dtype is None:
+        return reason
+    check = getattr(mod, "why_not_call", None)
     return None if check is None else check(call.dtype, call.contiguous)
 
 

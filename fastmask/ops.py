@@ -22,8 +22,8 @@ import torch
 from . import backends
 from ._checks import check_segments
 
-__all__ = ["masked_adamw_step_", "score_accumulate_", "check_masked_adamw_step_", "state_dtype",
-           "SCORE_MODES", "PARAM_DTYPES"]
+__all__ = ["masked_adamw_step_", "score_accumulate_", "sampled_weight_grad", "check_masked_adamw_step_",
+           "state_dtype", "SCORE_MODES", "PARAM_DTYPES"]
 
 #: Statistics ``score_accumulate_`` can add per entry: the signed gradient (the paper's score,
 #: whose magnitude is taken at the end), its magnitude, or its square (empirical Fisher).
@@ -47,6 +47,7 @@ _lib.define(
     "Tensor? found_inf, Tensor(e!)[] scores, str score_mode) -> ()"
 )
 _lib.define("score_accumulate_(Tensor(a!)[] scores, Tensor[] grads, str score_mode) -> ()")
+_lib.define("sampled_weight_grad(Tensor grad_out, Tensor input, Tensor idx) -> Tensor")
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,6 +261,31 @@ def _score_accumulate_impl(scores, grads, score_mode) -> None:
     _bump_versions(scores)
 
 
+def _check_sampled_args(grad_out, input, idx) -> None:
+    if grad_out.dim() != 2 or input.dim() != 2:
+        raise ValueError(f"grad_out, input: expected 2-D [T, out] and [T, in], got shapes {tuple(grad_out.shape)} and "
+                         f"{tuple(input.shape)}")
+    if grad_out.shape[0] != input.shape[0]:
+        raise ValueError(f"input: {input.shape[0]} rows, but grad_out has {grad_out.shape[0]} (one per token)")
+    for name, t in (("grad_out", grad_out), ("input", input)):
+        if not t.is_floating_point() or t.layout != torch.strided:
+            raise TypeError(f"{name}: expected a dense floating tensor, got {t.dtype} ({t.layout})")
+    if input.dtype != grad_out.dtype:
+        raise TypeError(f"input: dtype {input.dtype} differs from grad_out's {grad_out.dtype}")
+    if idx.dtype != torch.int32 or idx.dim() != 1:
+        raise TypeError(f"idx: expected a 1-D int32 tensor, got {idx.dtype} of shape {tuple(idx.shape)}")
+    if not (grad_out.device == input.device == idx.device):
+        raise ValueError(f"grad_out, input, idx: expected one device, got {grad_out.device}, {input.device}, "
+                         f"{idx.device}")
+
+
+def _sampled_weight_grad_impl(grad_out, input, idx) -> torch.Tensor:
+    _check_sampled_args(grad_out, input, idx)
+    idx = idx.contiguous()
+    call = backends.Call(dtype=grad_out.dtype, contiguous=True, op="sampled_weight_grad")
+    return backends.resolve(grad_out.device.type, call).sampled_weight_grad(grad_out, input, idx)
+
+
 def _bump_versions(tensors: list[torch.Tensor]) -> None:
     # Compiled backends write through raw pointers; bump the version counters of what the op
     # mutates, as torch's in-place ops do, so autograd still detects a tensor saved for backward
@@ -270,6 +296,7 @@ def _bump_versions(tensors: list[torch.Tensor]) -> None:
 
 _lib.impl("masked_adamw_step_", _masked_adamw_step_impl, "CompositeExplicitAutograd")
 _lib.impl("score_accumulate_", _score_accumulate_impl, "CompositeExplicitAutograd")
+_lib.impl("sampled_weight_grad", _sampled_weight_grad_impl, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("fastmask::masked_adamw_step_", lib=_lib)
@@ -284,6 +311,12 @@ def _masked_adamw_step_fake(
 @torch.library.register_fake("fastmask::score_accumulate_", lib=_lib)
 def _score_accumulate_fake(scores, grads, score_mode) -> None:
     _check_score_args(scores, grads, score_mode)
+
+
+@torch.library.register_fake("fastmask::sampled_weight_grad", lib=_lib)
+def _sampled_weight_grad_fake(grad_out, input, idx) -> torch.Tensor:
+    _check_sampled_args(grad_out, input, idx)
+    return grad_out.new_empty(idx.shape, dtype=state_dtype(grad_out.dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,3 +387,18 @@ def score_accumulate_(scores: Sequence[torch.Tensor], grads: Sequence[torch.Tens
     gradient dtype. Cheap enough to call from a post-accumulate-grad hook, one tensor at a time.
     """
     torch.ops.fastmask.score_accumulate_(list(scores), list(grads), mode)
+
+
+def sampled_weight_grad(grad_out: torch.Tensor, input: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    r"""The gradient of a linear layer's weight at selected entries only.
+
+    For ``y = input @ weight.T`` (``weight`` of shape ``[out, in]``), ``grad_out`` ``[T, out]`` and
+    ``input`` ``[T, in]`` (tokens flattened into ``T``), returns ``v`` with
+    ``v[j] = sum_t grad_out[t, r] * input[t, c]`` for ``idx[j] = r * in + c``: the entries ``idx``
+    of ``grad_out.T @ input`` (flat positions in the weight, as masks hold them), without computing
+    the others: ``K * T`` multiply-adds instead of ``out * in * T``. Sums in float32 (float64 for
+    float64 inputs); the summation order is the backend's, so results agree with the dense
+    product to rounding, not bit for bit. ``idx`` is 1-D int32; an index outside ``[0, out * in)``
+    raises ``IndexError``.
+    """
+    return torch.ops.fastmask.sampled_weight_grad(grad_out, input, idx)

@@ -121,3 +121,24 @@ def masked_adamw_step_(
         max_exp_avg_sq.copy_(v_max)
     for t, (param, (view, s)) in enumerate(zip(params, p_flat)):
         view.index_copy_(0, s.long(), p[offsets[t] : offsets[t + 1]].to(param.dtype))
+
+
+def sampled_weight_grad(grad_out: torch.Tensor, input: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Gathered rows of ``grad_out.T`` and ``input.T`` multiplied and summed, in chunks that bound
+    the gathered temporaries; float32 (float64 for float64 inputs)."""
+    n_out, n_in = grad_out.shape[1], input.shape[1]
+    if idx.numel() and not bool(((idx >= 0) & (idx < n_out * n_in)).all()):
+        bad = idx[(idx < 0) | (idx >= n_out * n_in)]
+        raise IndexError(f"idx: {bad.numel()} indices are outside [0, {n_out * n_in}) for a weight of shape "
+                         f"[{n_out}, {n_in}]; the first is {int(bad[0])}")
+    acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+    a = grad_out.t().to(acc).contiguous()  # [out, T]
+    b = input.t().to(acc).contiguous()  # [in, T]
+    q = idx.long()
+    rows, cols = q // n_in, q % n_in
+    out = torch.empty(idx.numel(), dtype=acc, device=grad_out.device)
+    chunk = max(1, (1 << 22) // max(1, grad_out.shape[0]))
+    for s in range(0, idx.numel(), chunk):
+        e = min(s + chunk, idx.numel())
+        out[s:e] = (a[rows[s:e]] * b[cols[s:e]]).sum(1)
+    return out

@@ -19,6 +19,7 @@ The original SPU code scores differently, and ``score`` can reproduce it exactly
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -28,6 +29,8 @@ import torch
 from torch import nn
 
 from . import ops
+from .grads import dense_weight_grads
+from .optim.masked_adamw import no_step_in_backward
 from .targets import Targets, find_targets
 
 __all__ = ["score", "SCORE_MODES", "ACCUMULATE_MODES", "l2_logits", "l2_logits_loss"]
@@ -199,6 +202,9 @@ def score(
         total = len(batches)  # type: ignore[arg-type]
     n_batches = 0
     bar = None
+    quiet = contextlib.ExitStack()  # whole gradients, and no optimizer stepping inside backward()
+    quiet.enter_context(dense_weight_grads())
+    quiet.enter_context(no_step_in_backward())
     try:
         target_ids = {id(p) for p in named.values()}
         for p in all_params:
@@ -249,6 +255,7 @@ def score(
             if bar is not None:
                 bar.update()
     finally:
+        quiet.close()
         if bar is not None:
             bar.close()
         for h in handles:

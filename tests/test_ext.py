@@ -258,7 +258,7 @@ def _schema_args(op):
 
 
 @needs_ext
-@pytest.mark.parametrize("name", ["masked_adamw_step_", "score_accumulate_"])
+@pytest.mark.parametrize("name", ["masked_adamw_step_", "score_accumulate_", "sampled_weight_grad"])
 def test_schema_matches_public_op(name):
     assert _schema_args(getattr(torch.ops.fastmask_ext, name)) == _schema_args(getattr(torch.ops.fastmask, name))
 

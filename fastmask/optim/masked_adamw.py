@@ -59,7 +59,7 @@ from .. import ops
 from .._checks import check_indices
 from ..masks import MaskSet
 
-__all__ = ["MaskedAdamW"]
+__all__ = ["MaskedAdamW", "no_step_in_backward"]
 
 _SCORE_MODES = ops.SCORE_MODES
 _MASKED_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -126,10 +126,25 @@ class _Bucket:
         return _Local(None, (0, self.mask_offsets[t + 1] - self.mask_offsets[t]))
 
 
+_suspended = [0]  # no_step_in_backward() depth: a global (autograd may run hooks on its own threads)
+
+
+@contextlib.contextmanager
+def no_step_in_backward() -> Iterator[None]:
+    """Inside this context, no ``MaskedAdamW(step_in_backward=True)`` steps from backward passes
+    (gradients are left in ``.grad`` as usual). :func:`fastmask.score` runs inside it, so that
+    scoring a model whose optimizer steps in backward computes scores and changes nothing."""
+    _suspended[0] += 1
+    try:
+        yield
+    finally:
+        _suspended[0] -= 1
+
+
 def _backward_hook(ref: Callable[[], Any], p: torch.Tensor) -> None:
     """Post-accumulate-grad hook of ``MaskedAdamW(step_in_backward=True)``."""
     opt = ref()
-    if opt is None or opt._accumulating:
+    if opt is None or opt._accumulating or _suspended[0]:
         return
     try:
         opt._once_per_backward(p)
