@@ -33,7 +33,10 @@ Methods (all AdamW-type, lr 1e-5, betas (0.9, 0.999), weight decay 0.0):
 - ``fastmask_1_bwd``, ``fastmask_10_bwd``: the same with ``step_in_backward=True`` (each parameter
   is stepped from a post-accumulate-grad hook inside ``loss.backward()`` and its gradient freed;
   ``opt.step()`` is then a no-op). Skipped (exit code 3 from the CLI) when the installed
-  ``MaskedAdamW`` has no such keyword.
+  ``MaskedAdamW`` has no such keyword;
+- ``fastmask_1_bwd_sampled``: ``fastmask_1_bwd`` under ``fastmask.sampled_weight_grads(model, opt)``:
+  the MLP layers compute their weight gradients at the selected entries only
+  (``fastmask.ops.sampled_weight_grad``) instead of the whole ``grad_out.T @ input``.
 
 Memory, per case in a fresh process: ``rss_imports`` is the resident set after importing torch,
 transformers, peft and fastmask (the same for every method); ``rss_setup`` after the model, data,
@@ -62,7 +65,7 @@ import time
 import torch
 
 METHODS = ("full", "adamw_mlp", "original", "lora", "fastmask_1", "fastmask_10", "fastmask_1_bwd",
-           "fastmask_10_bwd")
+           "fastmask_10_bwd", "fastmask_1_bwd_sampled")
 SIZES = {
     # name: (LlamaConfig fields, batch, sequence length)
     "tiny": (dict(vocab_size=2000, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
@@ -95,7 +98,7 @@ def step_in_backward_available() -> bool:
 
 def unavailable(method: str) -> str | None:
     """Why ``method`` cannot run here, or None."""
-    if method.endswith("_bwd") and not step_in_backward_available():
+    if "_bwd" in method and not step_in_backward_available():
         return "fastmask.MaskedAdamW has no step_in_backward keyword in this checkout"
     if method == "lora":
         try:
@@ -176,7 +179,7 @@ class Case:
         self.masks = random_masks(self.mlp, density) if density else None
         self.k = self.masks.k if self.masks is not None else None
         self.dense_masks: list[torch.Tensor] = []
-        self.step_in_backward = method.endswith("_bwd")
+        self.step_in_backward = "_bwd" in method
         if method == "full":
             for p in model.parameters():
                 p.requires_grad_(True)
@@ -204,6 +207,8 @@ class Case:
             else:
                 kw = dict(step_in_backward=True) if self.step_in_backward else {}
                 self.opt = fastmask.MaskedAdamW(params, lr=lr, weight_decay=WD, masks=self.masks, model=model, **kw)
+                if method.endswith("_sampled"):
+                    self.sampled = fastmask.sampled_weight_grads(model, self.opt)  # for the life of the case
         if not keep_initial:
             # the optimizer holds its own copy of the indices (MaskedAdamW) or the dense masks
             # (original): a training loop need not keep the MaskSet, so it is not counted

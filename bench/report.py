@@ -292,7 +292,7 @@ def train_table(benchmarks: list[dict]) -> list[str]:
 # language-model step (bench/test_lm_step.py)
 # ------------------------------------------------------------------------------------------------
 LM_ORDER = ("full", "adamw_mlp", "original", "lora", "fastmask_1", "fastmask_10", "fastmask_1_bwd",
-            "fastmask_10_bwd")
+            "fastmask_10_bwd", "fastmask_1_bwd_sampled")
 LM_WHAT = {
     "full": "AdamW(fused) on every parameter",
     "adamw_mlp": "AdamW(fused) on the MLP weights",
@@ -302,12 +302,16 @@ LM_WHAT = {
     "fastmask_10": "MaskedAdamW, 10% of the MLP weights",
     "fastmask_1_bwd": "MaskedAdamW(step_in_backward=True), 1%",
     "fastmask_10_bwd": "MaskedAdamW(step_in_backward=True), 10%",
+    "fastmask_1_bwd_sampled": "fastmask_1_bwd + sampled_weight_grads (MLP weight gradients at the selected entries only)",
 }
 # Goals (issue text): fastmask with the step in backward at 1% vs LoRA and full fine-tuning.
 LM_GOALS = [
     ("peak memory, fastmask_1_bwd / lora", "fastmask_1_bwd", "lora", "peak", 1.1),
     ("peak memory, fastmask_1_bwd / full", "fastmask_1_bwd", "full", "peak", 0.4),
     ("time per step, fastmask_1_bwd / lora", "fastmask_1_bwd", "lora", "time", 1.1),
+    ("peak memory, fastmask_1_bwd_sampled / lora", "fastmask_1_bwd_sampled", "lora", "peak", 1.1),
+    ("peak memory, fastmask_1_bwd_sampled / full", "fastmask_1_bwd_sampled", "full", "peak", 0.4),
+    ("time per step, fastmask_1_bwd_sampled / lora", "fastmask_1_bwd_sampled", "lora", "time", 1.1),
 ]
 LM_START, LM_END = "<!-- lm:start -->", "<!-- lm:end -->"
 LM_NOTES_START, LM_NOTES_END = "<!-- lm-notes:start -->", "<!-- lm-notes:end -->"

@@ -9,8 +9,8 @@ peft), fastmask at 1% and 10% of the MLP weights, and fastmask with the step in 
   ``extra_info``. After the timed steps it checks what cannot be faked: the masked methods changed
   no unselected entry of the MLP weights (bit-equal to their initial values) and some selected
   ones; LoRA left the base weights untouched.
-- ``test_lm_step_paired``: LoRA, fastmask 1% with and without the step in backward and full
-  fine-tuning timed interleaved in one process (``--paired-rounds`` rounds): the time ratios to
+- ``test_lm_step_paired``: LoRA, fastmask 1% with and without the step in backward (and with
+  sampled weight gradients) and full fine-tuning timed interleaved in one process (``--paired-rounds`` rounds): the time ratios to
   trust on a shared machine.
 
 The sizes are ``--lm-size`` (default: ``tiny`` with ``--shapes tiny`` alone, else ``400m``, ~7 min
@@ -32,7 +32,7 @@ from bench import common, lm_step
 from bench.conftest import options
 
 ROOT = Path(__file__).resolve().parent.parent
-PAIRED = ("lora", "fastmask_1_bwd", "fastmask_1", "full")
+PAIRED = ("lora", "fastmask_1_bwd", "fastmask_1_bwd_sampled", "fastmask_1", "full")
 
 
 def pytest_generate_tests(metafunc):

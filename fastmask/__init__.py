@@ -10,6 +10,11 @@ agreement checked by MaskedAdamW, masked_allreduce_hook for DDP.
 
 Sparse deltas (fastmask.delta): export what training changed as (indices, XOR bits) per masked
 tensor, apply/revert it bit-exactly, refusing other base weights; ``fastmask delta`` on the CLI.
+
+Large models: ``MaskedAdamW(..., step_in_backward=True)`` steps each parameter inside backward()
+and frees its gradient; ``fastmask.sampled_weight_grads(model, opt)`` computes masked linear
+layers' weight gradients at the selected entries only; ``fastmask.hf.FastmaskCallback`` for the
+Hugging Face Trainer.
 """
 from . import backends, delta, distributed, grads, ops, optim
 from ._version import __version__

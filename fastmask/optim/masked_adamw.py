@@ -44,10 +44,10 @@ collective for such optimizers (as ``get_optimizer_state_dict`` is anyway). See
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 import contextlib
 import functools
 import weakref
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
