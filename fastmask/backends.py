@@ -47,6 +47,8 @@ PREFERENCE: dict[str, list[str]] = {
 }
 
 _loaded: dict[str, ModuleType | BaseException] = {}
+#: The ops a backend may implement (fastmask.ops defines them).
+OPS = ("masked_adamw_step_", "score_accumulate_", "sampled_weight_grad")
 
 
 @dataclass(frozen=True)
@@ -234,6 +236,9 @@ def report(device_types: tuple[str, ...] = ("cpu", "cuda")) -> str:
             reason = why_not(n, device_type)
             if reason is None:
                 limits = _call_limits(n)
+                missing = [op for op in OPS if why_not_call(n, device_type, Call(op=op)) is not None]
+                if missing:
+                    limits += f"; no kernel for {', '.join(missing)}"
                 lines.append(f"  {n:<10} ok{': ' + limits if limits else ''}")
             else:
                 lines.append(f"  {n:<10} unavailable: {reason}")

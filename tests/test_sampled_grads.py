@@ -253,3 +253,14 @@ def test_errors_name_the_argument():
     other = MLP()
     with pytest.raises(ValueError, match="model: none of its nn.Linear layers"):
         fastmask.sampled_weight_grads(other, opt)
+
+
+def test_a_backend_without_the_op_is_skipped_and_reported():
+    """The Triton backend has no sampled_weight_grad: dispatch skips it, forcing it raises, report() says so."""
+    if backends.why_not("triton", "cpu") is not None:
+        pytest.skip(f"triton: {backends.why_not('triton', 'cpu')}")
+    call = backends.Call(dtype=torch.float32, op="sampled_weight_grad")
+    assert backends.why_not_call("triton", "cpu", call) == "no kernel for sampled_weight_grad"
+    with backends.use("triton"), pytest.raises(RuntimeError, match="no kernel for sampled_weight_grad"):
+        ops.sampled_weight_grad(torch.randn(3, 4), torch.randn(3, 2), torch.zeros(1, dtype=torch.int32))
+    assert "no kernel for sampled_weight_grad" in backends.report(("cpu",))
