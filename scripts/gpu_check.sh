@@ -7,7 +7,8 @@
 #    CUDA GPU, a CUDA toolkit for setup.py is found, pytest is importable.
 # 1. Build: the checkout is copied to a temporary directory and the extension built there for the
 #    torch found (setup.py build_ext --inplace, archs: this GPU's), so the checkout is untouched.
-# 2. Tests: tests/test_ext.py and tests/test_triton.py on the GPU (CUDA and Triton kernels against
+# 2. Tests: tests/test_ext.py, tests/test_triton.py (and the CUDA cases of test_step_in_backward.py,
+#    test_sampled_grads.py) on the GPU (CUDA and Triton kernels against
 #    the reference, bit for bit for the state; no host sync around MaskedAdamW steps under
 #    torch.cuda.set_sync_debug_mode("error"); CUDA graph capture/replay; side streams; a bf16
 #    tensor of 2^31 - 1 entries with FASTMASK_TEST_BIG=1 when memory allows). Tests that need
@@ -175,7 +176,8 @@ fi
 
 # 2. tests
 tests() {
-    cd "$WORK" && FASTMASK_TEST_BIG=1 "$PYTHON" -m pytest tests/test_ext.py tests/test_triton.py -q -p no:cacheprovider \
+    cd "$WORK" && FASTMASK_TEST_BIG=1 "$PYTHON" -m pytest tests/test_ext.py tests/test_triton.py \
+        tests/test_step_in_backward.py tests/test_sampled_grads.py -q -p no:cacheprovider \
         -rfEs --durations=15 --junitxml="$OUT_DIR/tests.xml"
 }
 if [ $built -eq 0 ]; then

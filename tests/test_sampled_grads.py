@@ -264,3 +264,15 @@ def test_a_backend_without_the_op_is_skipped_and_reported():
     with backends.use("triton"), pytest.raises(RuntimeError, match="no kernel for sampled_weight_grad"):
         ops.sampled_weight_grad(torch.randn(3, 4), torch.randn(3, 2), torch.zeros(1, dtype=torch.int32))
     assert "no kernel for sampled_weight_grad" in backends.report(("cpu",))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh runs it)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_on_cuda_matches_the_dense_product(dtype):
+    g = torch.Generator().manual_seed(5)
+    grad_out = torch.randn(128, 96, generator=g).to(dtype).cuda()
+    x = torch.randn(128, 80, generator=g).to(dtype).cuda()
+    idx = random_indices(96 * 80, 400, g).cuda()
+    got = ops.sampled_weight_grad(grad_out, x, idx)
+    want = (grad_out.double().t() @ x.double()).reshape(-1)[idx.long()]
+    assert bool(((got.double() - want).abs() <= _bound(grad_out, x, idx, dtype)).all())

@@ -371,3 +371,20 @@ def test_a_constructor_that_raises_leaves_no_hooks():
     _loss(model, *_batch(0, torch.float32)).backward()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh runs it)")
+def test_on_cuda_equals_ordinary_step():
+    """On a GPU the hooks run on autograd's device thread: still bit-identical to backward() + step()."""
+    ma, mb = _make().cuda(), _make().cuda()
+    oa = MaskedAdamW(ma.parameters(), lr=1e-2, masks={p: i.cuda() for p, i in _masks(ma).items()})
+    ob = MaskedAdamW(mb.parameters(), lr=1e-2, masks={p: i.cuda() for p, i in _masks(mb).items()},
+                     step_in_backward=True)
+    for i in range(STEPS):
+        x, y = (t.cuda() for t in _batch(i, torch.float32))
+        _loss(ma, x, y).backward()
+        oa.step()
+        oa.zero_grad()
+        _loss(mb, x, y).backward()
+        assert all(p.grad is None for p in mb.parameters())
+    _assert_same(ma, mb, oa, ob)
