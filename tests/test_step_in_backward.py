@@ -94,10 +94,11 @@ def _pair(ckpt=None, **kw):
     return ma, oa, mb, ob
 
 
-def _train(ma, oa, mb, ob, batches):
+def _train(ma, oa, mb, ob, batches, device="cpu", input_grad=False):
     """The same batches through both: backward + step for oa, backward alone for ob."""
     for i in batches:
-        x, y = _batch(i, torch.float32)
+        x, y = (t.to(device) for t in _batch(i, torch.float32))
+        x.requires_grad_(input_grad)  # a reentrant checkpoint needs an input that requires grad
         _loss(ma, x, y).backward()
         oa.step()
         oa.zero_grad()
@@ -198,14 +199,7 @@ def test_gradient_checkpointing(cls, ckpt):
     mb = cls(torch.float32, ckpt)
     oa = MaskedAdamW(ma.parameters(), lr=1e-2, masks=_masks(ma))
     ob = MaskedAdamW(mb.parameters(), lr=1e-2, masks=_masks(mb), step_in_backward=True)
-    for i in range(STEPS):
-        x, y = _batch(i, torch.float32)
-        x.requires_grad_(ckpt == "reentrant")  # the reentrant variant needs an input that requires grad
-        _loss(ma, x, y).backward()
-        oa.step()
-        oa.zero_grad()
-        _loss(mb, x, y).backward()
-        assert all(p.grad is None for p in mb.parameters())
+    _train(ma, oa, mb, ob, range(STEPS), input_grad=ckpt == "reentrant")
     _assert_same(ma, mb, oa, ob)
 
 
@@ -380,11 +374,5 @@ def test_on_cuda_equals_ordinary_step():
     oa = MaskedAdamW(ma.parameters(), lr=1e-2, masks={p: i.cuda() for p, i in _masks(ma).items()})
     ob = MaskedAdamW(mb.parameters(), lr=1e-2, masks={p: i.cuda() for p, i in _masks(mb).items()},
                      step_in_backward=True)
-    for i in range(STEPS):
-        x, y = (t.cuda() for t in _batch(i, torch.float32))
-        _loss(ma, x, y).backward()
-        oa.step()
-        oa.zero_grad()
-        _loss(mb, x, y).backward()
-        assert all(p.grad is None for p in mb.parameters())
+    _train(ma, oa, mb, ob, range(STEPS), device="cuda")
     _assert_same(ma, mb, oa, ob)
