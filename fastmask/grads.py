@@ -6,10 +6,11 @@ entries: at 1% density, 99% of that matrix product is thrown away. For a languag
 a large part of the backward pass, and what makes a masked fine-tune slower than LoRA, which never
 computes its frozen weights' gradients.
 
-:func:`sampled_weight_grads` makes every ``nn.Linear`` whose weight the optimizer masks compute its
-weight gradient at the selected entries only (:func:`fastmask.ops.sampled_weight_grad`: ``K * T``
-multiply-adds), as a full-shape gradient that is zero elsewhere; the input and bias gradients are
-computed as ``nn.Linear`` computes them::
+:func:`sampled_weight_grads` makes every ``nn.Linear`` (and Hugging Face ``Conv1D``, GPT-2's layer
+with a transposed weight) whose weight the optimizer masks compute its weight gradient at the
+selected entries only (:func:`fastmask.ops.sampled_weight_grad`: ``K * T`` multiply-adds), as a
+full-shape gradient that is zero elsewhere; the input and bias gradients are computed as the layer
+computes them::
 
     opt = fastmask.MaskedAdamW(targets.parameters(), lr=1e-4, masks=masks, model=model, step_in_backward=True)
     with fastmask.sampled_weight_grads(model, opt):    # or: handle = ...; handle.remove()
@@ -84,10 +85,44 @@ class _SampledLinear(torch.autograd.Function):
         return gx, gw, gb, None
 
 
+class _SampledConv1D(torch.autograd.Function):
+    """Hugging Face's ``Conv1D`` (GPT-2: ``x @ weight + bias``, weight stored ``[in, out]``) whose
+    weight gradient ``input.T @ grad_out`` is computed at ``idx`` only (flat positions in the stored
+    ``[in, out]`` layout, as masks of that weight hold them)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, idx):
+        ctx.save_for_backward(x, weight, idx)
+        ctx.bias_dtype = bias.dtype
+        out = torch.addmm(bias, x.view(-1, x.size(-1)), weight)  # exactly Conv1D.forward
+        return out.view(x.size()[:-1] + (weight.shape[1],))
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, idx = ctx.saved_tensors
+        gx = gw = gb = None
+        g2 = gy.reshape(-1, gy.shape[-1])
+        if ctx.needs_input_grad[0]:
+            gx = g2.mm(weight.to(g2.dtype).t()).view(x.shape).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            vals = ops.sampled_weight_grad(x.reshape(-1, x.shape[-1]).to(g2.dtype), g2, idx)
+            gw = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
+            gw.view(-1).index_copy_(0, idx.long(), vals.to(weight.dtype))
+        if ctx.needs_input_grad[2]:
+            gb = g2.sum(0).to(ctx.bias_dtype)
+        return gx, gw, gb, None
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    cls = type(module)
+    return (cls.__name__ == "Conv1D" and cls.__module__ == "transformers.pytorch_utils"
+            and isinstance(getattr(module, "bias", None), torch.Tensor) and module.weight.dim() == 2)
+
+
 class SampledWeightGrads:
     """What :func:`sampled_weight_grads` patched; :meth:`remove` (or leaving the ``with`` block)
     restores the layers. ``layers``: the patched module names; ``skipped``: masked parameters that
-    are not an ``nn.Linear`` weight (they keep whole gradients)."""
+    are not the weight of an ``nn.Linear`` or a Hugging Face ``Conv1D`` (they keep whole gradients)."""
 
     def __init__(self, model: nn.Module, optimizer) -> None:
         from .optim import MaskedAdamW
@@ -105,20 +140,21 @@ class SampledWeightGrads:
         self.layers: list[str] = []
         covered = set()
         for name, module in model.named_modules():
-            if type(module) is nn.Linear and module.weight in masked:  # subclasses may compute otherwise
+            # exact types: a subclass may compute otherwise
+            if (type(module) is nn.Linear or _is_hf_conv1d(module)) and module.weight in masked:
                 covered.add(module.weight)
                 self.layers.append(name)
                 self._patched.append((module, module.__dict__.get("forward")))
         names = {p: n for n, p in model.named_parameters()}
         self.skipped = [names.get(p, f"a parameter of shape {tuple(p.shape)}") for p in masked if p not in covered]
         if not self.layers:
-            raise ValueError("model: none of its nn.Linear layers has a weight masked by the optimizer "
-                             f"({len(masked)} masked parameters, none an nn.Linear weight of this model)")
+            raise ValueError("model: none of its nn.Linear (or Hugging Face Conv1D) layers has a weight masked by "
+                             f"the optimizer ({len(masked)} masked parameters, none such a weight of this model)")
         if self.skipped:
-            logger.info("sampled_weight_grads: %d masked parameters are not nn.Linear weights and keep whole "
+            logger.info("sampled_weight_grads: %d masked parameters are not nn.Linear/Conv1D weights and keep whole "
                         "gradients: %s", len(self.skipped), ", ".join(self.skipped[:5]))
         for module, _ in self._patched:
-            module.forward = types.MethodType(_make_forward(self), module)
+            module.forward = types.MethodType(_make_forward(self, _is_hf_conv1d(module)), module)
 
     def _idx(self, weight: torch.Tensor) -> torch.Tensor | None:
         opt = self._opt()
@@ -142,12 +178,14 @@ class SampledWeightGrads:
         return f"SampledWeightGrads({len(self.layers)} linear layers, {len(self.skipped)} masked parameters skipped)"
 
 
-def _make_forward(handle: SampledWeightGrads):
-    def forward(module: nn.Linear, input: torch.Tensor) -> torch.Tensor:
+def _make_forward(handle: SampledWeightGrads, conv1d: bool):
+    fn = _SampledConv1D if conv1d else _SampledLinear
+
+    def forward(module: nn.Module, input: torch.Tensor) -> torch.Tensor:
         idx = handle._idx(module.weight)
         if idx is None or _dense.get() or not (torch.is_grad_enabled() and module.weight.requires_grad):
-            return nn.functional.linear(input, module.weight, module.bias)
-        return _SampledLinear.apply(input, module.weight, module.bias, idx)
+            return type(module).forward(module, input)  # the layer's own forward
+        return fn.apply(input, module.weight, module.bias, idx)
 
     return forward
 

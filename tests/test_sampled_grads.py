@@ -251,7 +251,7 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="optimizer: it tracks scores"):
         fastmask.sampled_weight_grads(model, tracking)
     other = MLP()
-    with pytest.raises(ValueError, match="model: none of its nn.Linear layers"):
+    with pytest.raises(ValueError, match="model: none of its nn.Linear \\(or Hugging Face Conv1D\\) layers"):
         fastmask.sampled_weight_grads(other, opt)
 
 
@@ -276,3 +276,37 @@ def test_on_cuda_matches_the_dense_product(dtype):
     got = ops.sampled_weight_grad(grad_out, x, idx)
     want = (grad_out.double().t() @ x.double()).reshape(-1)[idx.long()]
     assert bool(((got.double() - want).abs() <= _bound(grad_out, x, idx, dtype)).all())
+
+
+def test_gpt2_conv1d_layers():
+    """Hugging Face GPT-2's Conv1D (weight stored [in, out]; the hf_gpt2 preset masks mlp.c_fc):
+    selected entries match autograd's gradient, the others get none, everything else is unchanged."""
+    import fastmask.compat
+
+    fastmask.compat.patch_torchvision()
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=97, n_positions=16, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(cfg)
+    ref = copy.deepcopy(model)
+    targets = fastmask.find_targets(model, "hf_gpt2")
+    g = torch.Generator().manual_seed(4)
+    masks = {p: random_indices(p.numel(), p.numel() // 10, g) for p in targets.masked.values()}
+    opt = MaskedAdamW(model.parameters(), lr=1e-3, masks=masks, model=model)
+    ids = torch.randint(0, 97, (2, 16), generator=g)
+    ref(input_ids=ids, labels=ids).loss.backward()
+    with fastmask.sampled_weight_grads(model, opt) as handle:
+        assert sorted(handle.layers) == ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"]
+        model(input_ids=ids, labels=ids).loss.backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        if p in masks:
+            sel = masks[p].long()
+            keep = torch.ones(p.numel(), dtype=torch.bool)
+            keep[sel] = False
+            assert bool((p.grad.reshape(-1)[keep] == 0).all()), name
+            torch.testing.assert_close(p.grad.reshape(-1)[sel], q.grad.reshape(-1)[sel], rtol=1e-5, atol=1e-7)
+        else:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert "forward" not in model.transformer.h[0].mlp.c_fc.__dict__
