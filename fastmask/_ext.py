@@ -265,10 +265,6 @@ def score_accumulate_(scores, grads, score_mode) -> None:
     torch.ops.fastmask_ext.score_accumulate_(scores, grads, score_mode)
 
 
-# Load (or build) at import, so `backends` learns the reason at once; never raises.
-load()
-
-
 def why_not_op(op: str, device_type: str) -> str | None:
     """Why this build has no kernel for ``op`` on ``device_type`` (None: it has one)."""
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
@@ -281,3 +277,8 @@ def why_not_op(op: str, device_type: str) -> str | None:
 
 def sampled_weight_grad(grad_out, input, idx):
     return torch.ops.fastmask_ext.sampled_weight_grad(grad_out, input, idx)
+
+
+# Load (or build) at import, so `backends` learns the reason at once; never raises.
+load()
+

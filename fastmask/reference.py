@@ -125,10 +125,15 @@ def masked_adamw_step_(
 
 def sampled_weight_grad(grad_out: torch.Tensor, input: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Gathered rows of ``grad_out.T`` and ``input.T`` multiplied and summed, in chunks that bound
-    the gathered temporaries; float32 (float64 for float64 inputs)."""
+    the gathered temporaries; float32 (float64 for float64 inputs). Indices are range-checked
+    before anything is computed (on a device, asynchronously)."""
     n_out, n_in = grad_out.shape[1], input.shape[1]
-    if idx.numel() and not bool(((idx >= 0) & (idx < n_out * n_in)).all()):
-        bad = idx[(idx < 0) | (idx >= n_out * n_in)]
+    inside = (idx >= 0) & (idx < n_out * n_in)
+    if idx.device.type != "cpu":  # checked on the device: no host sync in a backward pass
+        torch._assert_async(inside.all(), f"idx: an index is outside [0, {n_out * n_in}) for a weight of shape "
+                            f"[{n_out}, {n_in}]")
+    elif idx.numel() and not bool(inside.all()):
+        bad = idx[~inside]
         raise IndexError(f"idx: {bad.numel()} indices are outside [0, {n_out * n_in}) for a weight of shape "
                          f"[{n_out}, {n_in}]; the first is {int(bad[0])}")
     acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
