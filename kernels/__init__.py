@@ -14,7 +14,7 @@ except Exception as exc:  # import failure becomes this backend's reason, never 
 else:
     _IMPORT_ERROR = None
 
-__all__ = ["why_not", "why_not_call", "masked_adamw_step_", "score_accumulate_"]
+__all__ = ["why_not", "why_not_call", "masked_adamw_step_", "score_accumulate_", "sampled_weight_grad"]
 
 
 def why_not(device_type: str) -> str | None:
@@ -52,8 +52,9 @@ def why_not_call(param_dtype: torch.dtype, contiguous: bool) -> str | None:
 if _IMPORT_ERROR is None:
     from .masked_adamw import masked_adamw_step_
     from .score_accumulate import score_accumulate_
+    from .sampled_grad import sampled_weight_grad
 else:
     def _unavailable(*args, **kwargs):
         raise RuntimeError(why_not("cuda"))
 
-    masked_adamw_step_ = score_accumulate_ = _unavailable
+    masked_adamw_step_ = score_accumulate_ = sampled_weight_grad = _unavailable

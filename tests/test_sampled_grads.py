@@ -9,6 +9,8 @@ a wrong entry (another row or column, a missing term) is off by far more.
 from __future__ import annotations
 
 import copy
+import sys
+import types
 
 import pytest
 import torch
@@ -24,8 +26,10 @@ SIZES = [(1, 13, 9), (7, 5, 3), (33, 29, 17), (128, 64, 48)]  # (T, out, in)
 
 
 def _backends_with_op():
+    # Every backend with a CPU kernel for the op, Triton's under its interpreter included (forced:
+    # it is in no CPU preference list).
     out = []
-    for name in backends.available("cpu"):
+    for name in backends.names():
         if backends.why_not_call(name, "cpu", backends.Call(dtype=torch.float32, op="sampled_weight_grad")) is None:
             out.append(name)
     return out
@@ -255,25 +259,84 @@ def test_errors_name_the_argument():
         fastmask.sampled_weight_grads(other, opt)
 
 
-def test_a_backend_without_the_op_is_skipped_and_reported():
-    """The Triton backend has no sampled_weight_grad: dispatch skips it, forcing it raises, report() says so."""
-    if backends.why_not("triton", "cpu") is not None:
-        pytest.skip(f"triton: {backends.why_not('triton', 'cpu')}")
-    call = backends.Call(dtype=torch.float32, op="sampled_weight_grad")
-    assert backends.why_not_call("triton", "cpu", call) == "no kernel for sampled_weight_grad"
-    with backends.use("triton"), pytest.raises(RuntimeError, match="no kernel for sampled_weight_grad"):
-        ops.sampled_weight_grad(torch.randn(3, 4), torch.randn(3, 2), torch.zeros(1, dtype=torch.int32))
-    assert "no kernel for sampled_weight_grad" in backends.report(("cpu",))
+def test_a_backend_without_the_op_is_skipped_and_reported(monkeypatch):
+    """A backend with no sampled_weight_grad kernel: dispatch skips it, forcing it raises, report() says so."""
+    mod = types.ModuleType("fastmask_test_backend_without_sampled")
+    mod.why_not = lambda device_type: None
+    mod.masked_adamw_step_ = mod.score_accumulate_ = lambda *args: None
+    monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    monkeypatch.setitem(backends._MODULES, "nosampled", mod.__name__)
+    monkeypatch.setitem(backends.PREFERENCE, "cpu", ["nosampled", *backends.PREFERENCE["cpu"]])
+    try:
+        call = backends.Call(dtype=torch.float32, op="sampled_weight_grad")
+        assert backends.why_not_call("nosampled", "cpu", call) == "no kernel for sampled_weight_grad"
+        assert backends.pick("cpu", call) != "nosampled"
+        assert backends.pick("cpu") == "nosampled"  # the masked step still goes there
+        grad_out, x = torch.randn(3, 4), torch.randn(3, 2)
+        idx = torch.tensor([1, 6], dtype=torch.int32)
+        want = (grad_out.t() @ x).reshape(-1)[idx.long()]
+        torch.testing.assert_close(ops.sampled_weight_grad(grad_out, x, idx), want)
+        with backends.use("nosampled"), pytest.raises(RuntimeError, match="no kernel for sampled_weight_grad"):
+            ops.sampled_weight_grad(grad_out, x, idx)
+        assert "no kernel for sampled_weight_grad" in backends.report(("cpu",))
+    finally:
+        backends._loaded.pop("nosampled", None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_long_token_counts_and_strided_operands(backend, dtype):
+    """More tokens than one tile of any kernel (700: not a multiple of a tile), ``grad_out`` a
+    transposed view and ``input`` a column-strided view: read through their strides."""
+    g = torch.Generator().manual_seed(11)
+    T, n_out, n_in = 700, 9, 7
+    grad_out = torch.randn(n_out, T, generator=g).to(dtype).t()
+    x = torch.randn(T, 2 * n_in, generator=g).to(dtype)[:, ::2]
+    assert not grad_out.is_contiguous() and not x.is_contiguous()
+    idx = random_indices(n_out * n_in, 40, g)
+    with backends.use(backend):
+        got = ops.sampled_weight_grad(grad_out, x, idx)
+    want = (grad_out.double().t() @ x.double()).reshape(-1)[idx.long()]
+    assert bool(((got.double() - want).abs() <= _bound(grad_out, x, idx, dtype)).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_of_range_indices_are_counted_across_programs(backend):
+    """1200 indices, the last 100 past the end, spread over several programs of a kernel: all counted."""
+    grad_out, x = torch.randn(5, 100), torch.randn(5, 11)
+    idx = torch.arange(1200, dtype=torch.int32)
+    with backends.use(backend), pytest.raises(IndexError, match=r"idx: 100 indices are outside \[0, 1100\)"):
+        ops.sampled_weight_grad(grad_out, x, idx)
+
+
+def _cuda_backends_with_op():
+    if not torch.cuda.is_available():
+        return ["none"]
+    return [n for n in backends.names()
+            if backends.why_not_call(n, "cuda", backends.Call(dtype=torch.float32, op="sampled_weight_grad")) is None]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh runs it)")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_on_cuda_matches_the_dense_product(dtype):
+@pytest.mark.parametrize("backend", _cuda_backends_with_op())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("size", [(128, 96, 80), (1000, 300, 70), (3, 5000, 1000)], ids=lambda s: "x".join(map(str, s)))
+def test_on_cuda_matches_the_dense_product(backend, dtype, size):
+    """Every backend with a CUDA kernel for the op, against the float64 product, with no host
+    sync (``set_sync_debug_mode("error")``: the op runs inside backward passes). The 5000 x 1000
+    weight (5M entries) takes two of the ext's row chunks (2^22 entries each)."""
+    T, n_out, n_in = size
     g = torch.Generator().manual_seed(5)
-    grad_out = torch.randn(128, 96, generator=g).to(dtype).cuda()
-    x = torch.randn(128, 80, generator=g).to(dtype).cuda()
-    idx = random_indices(96 * 80, 400, g).cuda()
-    got = ops.sampled_weight_grad(grad_out, x, idx)
+    grad_out = torch.randn(T, n_out, generator=g).to(dtype).cuda()
+    x = torch.randn(T, n_in, generator=g).to(dtype).cuda()
+    idx = random_indices(n_out * n_in, max(1, n_out * n_in // 20), g).cuda()
+    with backends.use(backend):
+        ops.sampled_weight_grad(grad_out, x, idx)  # warm-up (Triton compiles, cuBLAS loads)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = ops.sampled_weight_grad(grad_out, x, idx)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     want = (grad_out.double().t() @ x.double()).reshape(-1)[idx.long()]
     assert bool(((got.double() - want).abs() <= _bound(grad_out, x, idx, dtype)).all())
 
