@@ -8,8 +8,8 @@ lazily, the first time one is asked for; an import failure becomes its reason.
 A backend may also define ``why_not_call(param_dtype, contiguous) -> str | None``: why it cannot
 serve a masked step on params of that dtype and layout (the compiled kernels take contiguous
 float32/bfloat16/float16 params and grads; the reference takes every real floating dtype and any
-strided layout). Not every backend has every op (``sampled_weight_grad`` has a C++ CPU kernel and
-the reference): a backend without a kernel for a call's op (:attr:`Call.op`; a module may also
+strided layout). Not every backend has every op (an out-of-tree one may lack
+``sampled_weight_grad``): a backend without a kernel for a call's op (:attr:`Call.op`; a module may also
 define ``why_not_op(op, device_type)``) is skipped for that call.
 
 Dispatch, per device type and call (:class:`Call`), takes the first available backend in

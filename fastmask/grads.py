@@ -22,8 +22,9 @@ The selected entries get the same gradient as autograd's, summed in float32 in a
 entries stay bit-exact as before. It pays where the mask is sparse (the CPU kernel computes each
 entry as a dot product over the tokens; the dense product is a fast matrix multiply): at 1% the
 weight gradient costs a quarter of the dense product's time on a CPU, at 10% about as much
-(``bench/RESULTS.md``). On CUDA tensors the reference implementation serves it (no CUDA kernel
-yet). The masks are read from the optimizer at every forward pass, so ``set_masks`` takes effect
+(``bench/RESULTS.md``). On a GPU the extension computes the product with cuBLAS in row chunks of
+at most 16 MiB and gathers the selected entries, so the whole weight gradient never exists (a
+Triton kernel computing the dot products directly is the other CUDA backend). The masks are read from the optimizer at every forward pass, so ``set_masks`` takes effect
 at once. :func:`fastmask.score` needs whole gradients: it computes them while it runs (see
 :func:`dense_weight_grads`). An optimizer with ``track_scores`` (which reads every entry) is
 refused.

@@ -9,6 +9,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <string>
 #include <vector>
 
 #include "../common.h"
@@ -155,10 +157,63 @@ void score_accumulate_cuda(at::TensorList scores, at::TensorList grads, c10::str
   }
 }
 
+// Rows of the weight whose dense gradient one cuBLAS call computes: at most 2^22 fp32 entries
+// (16 MiB) at a time, whatever the weight's size.
+constexpr int64_t kSampledTileEntries = int64_t(1) << 22;
+
+// Weight gradient of a linear layer at selected entries (out[j] = sum_t grad_out[t, r] * input[t, c]
+// for idx[j] = r * in + c), on CUDA. A GPU multiplies dense matrices on its tensor cores far faster
+// than it gathers scattered dot products, so the product is computed by cuBLAS, in chunks of rows
+// of the weight (kSampledTileEntries fp32 entries at most: the whole weight gradient never exists
+// unless it is that small), with fp32 accumulation and output (at::mm's out_dtype for bf16/fp16;
+// fp32 inputs follow torch's TF32 setting for matmuls, as autograd's own weight gradient does), and
+// each chunk's selected entries are gathered from it. Indices are range-checked on the device
+// (at::_assert_async: no host sync); an out-of-range index reads a valid entry until the assertion
+// fails the stream. Nothing here syncs the host.
+at::Tensor sampled_weight_grad_cuda(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& idx) {
+  TORCH_CHECK(grad_out.dim() == 2 && input.dim() == 2 && grad_out.size(0) == input.size(0),
+              "sampled_weight_grad: expected grad_out [T, out] and input [T, in]");
+  TORCH_CHECK(grad_out.is_cuda() && input.device() == grad_out.device() && idx.device() == grad_out.device(),
+              "sampled_weight_grad: grad_out, input and idx must be on one CUDA device, got ", grad_out.device(),
+              ", ", input.device(), ", ", idx.device());
+  TORCH_CHECK(idx.scalar_type() == at::kInt && idx.dim() == 1 && idx.is_contiguous(),
+              "idx: expected a contiguous 1-D int32 tensor");
+  const at::ScalarType dt = grad_out.scalar_type();
+  TORCH_CHECK(input.scalar_type() == dt && (dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf),
+              "sampled_weight_grad: grad_out and input must both be float32, bfloat16 or float16");
+  const c10::cuda::CUDAGuard guard(grad_out.device());
+  const int64_t T = grad_out.size(0), n_out = grad_out.size(1), n_in = input.size(1), k = idx.numel();
+  const int64_t numel = n_out * n_in;
+  const at::TensorOptions f32 = grad_out.options().dtype(at::kFloat);
+  if (k == 0) return at::empty({0}, f32);
+  const at::Tensor q = idx.to(at::kLong);
+  const std::string msg = "idx: an index is outside [0, " + std::to_string(numel) + ") for a weight of shape [" +
+                          std::to_string(n_out) + ", " + std::to_string(n_in) + "]";
+  at::_assert_async(((q >= 0) & (q < numel)).all(), msg);
+  if (T == 0 || numel == 0) return at::zeros({k}, f32);  // no tokens: a zero gradient
+  const at::Tensor go_t = grad_out.t();  // [out, T], a view
+  const int64_t rows = std::max<int64_t>(1, kSampledTileEntries / n_in);
+  const at::Tensor qc = q.clamp(0, numel - 1);
+  auto product = [&](int64_t r0, int64_t r1) {  // rows [r0, r1) of grad_out.T @ input, fp32, flat
+    const at::Tensor a = go_t.slice(0, r0, r1);
+    return (dt == at::kFloat ? at::mm(a, input) : at::mm(a, input, at::kFloat)).view({-1});
+  };
+  if (rows >= n_out) return product(0, n_out).index_select(0, qc);  // one chunk: the whole weight
+  at::Tensor out = at::zeros({k}, f32);
+  for (int64_t r0 = 0; r0 < n_out; r0 += rows) {
+    const at::Tensor tile = product(r0, std::min(n_out, r0 + rows));
+    const at::Tensor local = qc - r0 * n_in;
+    const at::Tensor inside = (local >= 0) & (local < tile.numel());
+    out = at::where(inside, tile.index_select(0, local.clamp(0, tile.numel() - 1)), out);
+  }
+  return out;
+}
+
 }  // namespace
 }  // namespace fastmask
 
 TORCH_LIBRARY_IMPL(fastmask_ext, CUDA, m) {
   m.impl("masked_adamw_step_", &fastmask::masked_adamw_step_cuda);
   m.impl("score_accumulate_", &fastmask::score_accumulate_cuda);
+  m.impl("sampled_weight_grad", &fastmask::sampled_weight_grad_cuda);
 }
