@@ -270,6 +270,37 @@ def select_table(benchmarks: list[dict]) -> list[str]:
     return out
 
 
+def sampled_grad_table(benchmarks: list[dict]) -> list[str]:
+    """``bench/test_sampled_grad.py``: per layer and density, each implementation's median and the
+    dense product's time over it (higher = the sampled op faster)."""
+    by: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for b in benchmarks:
+        e = b["extra_info"]
+        if e.get("bench") != "sampled_grad":
+            continue
+        key = (e["device"], e["dtype"], e["shape_set"], e["out_features"], e["in_features"], e["T"], e["density"])
+        by[key][e["impl"]] = b
+    if not by:
+        return []
+    impls = sorted({i for v in by.values() for i in v if i.startswith("fastmask:")})
+    out = ["| device | dtype | shapes | layer | T | density | K | dense+gather ms | "
+           + " | ".join(f"{i} ms (x dense)" for i in impls) + " | best fastmask GFLOP/s |",
+           "|" + "---|" * (8 + len(impls) + 1)]
+    order = {"tiny": 0, "vitb16": 1, "vitl14": 2}
+    for key in sorted(by, key=lambda k: (k[0], k[1], order.get(k[2], 9), -k[3] * k[4], k[6])):
+        row = by[key]
+        dense = row.get("dense+gather")
+        td = _t(dense) if dense else None
+        fm = {i: b for i, b in row.items() if i.startswith("fastmask:")}
+        best = min(fm.values(), key=_t) if fm else None
+        k = next(iter(row.values()))["extra_info"]["K"]
+        cells = [f"{_ms(_t(row[i]))} ({_x(_t(row[i]), td)})" if i in row else "-" for i in impls]
+        out.append(f"| {key[0]} | {key[1]} | {key[2]} | [{key[3]}, {key[4]}] | {key[5]:,} | {key[6]} | {k:,} "
+                   f"| {_ms(td)} | " + " | ".join(cells)
+                   + f" | {_fmt(best['extra_info']['flops'] / _t(best) / 1e9, 1) if best else '-'} |")
+    return out
+
+
 def train_table(benchmarks: list[dict]) -> list[str]:
     rows = [b for b in benchmarks if b["extra_info"].get("bench") == "train_step"]
     if not rows:
@@ -635,6 +666,14 @@ def render(data: dict, json_name: str, png_name: str | None, notes: str | None =
                   "fastmask's `score_accumulate_` vs the PyTorch loop and foreach ops; `copy` "
                   "(`torch._foreach_copy_` of the gradients into the scores) is the bandwidth reference. Bytes: "
                   "N x (8 + elem) for an accumulation, N x (4 + elem) for the copy.", ""] + st
+    sg = sampled_grad_table(bms)
+    if sg:
+        lines += ["", "## Sampled weight gradient (a linear layer's weight gradient at the masked entries)", "",
+                  "`bench/test_sampled_grad.py`: `fastmask.ops.sampled_weight_grad(grad_out [T, out], input [T, in], "
+                  "idx)` per backend vs `dense+gather`, `(grad_out.t() @ input).view(-1)[idx]` in the input dtype "
+                  "(what autograd computes, then the entries a masked step reads). `x dense` = dense time / the "
+                  "backend's time (higher = the sampled op faster); GFLOP/s counts 2 K T. Random masks; every "
+                  "result checked against the float64 product before timing.", ""] + sg
     sl = select_table(bms)
     if sl:
         lines += ["", "## Selection (`fastmask.select` of all target tensors)", ""] + sl

@@ -4,7 +4,8 @@
 #   bash scripts/gpu_check.sh            # results in $OUT if set, else bench/gpu-check-<gpu>-<date>/
 #
 # 0. Preflight (nothing runs unless all pass; otherwise one line on stderr, exit 2): torch sees a
-#    CUDA GPU, a CUDA toolkit for setup.py is found, pytest is importable.
+#    CUDA GPU, a CUDA toolkit for setup.py is found, pytest is importable. It also notes (without
+#    failing) whether pytest-benchmark (stage 4) and transformers + peft (stage 5) are importable.
 # 1. Build: the checkout is copied to a temporary directory and the extension built there for the
 #    torch found (setup.py build_ext --inplace, archs: this GPU's), so the checkout is untouched.
 # 2. Tests: tests/test_ext.py, tests/test_triton.py (and the CUDA cases of test_step_in_backward.py,
@@ -16,13 +17,26 @@
 # 3. compute-sanitizer --tool memcheck on one small case per backend (when compute-sanitizer exists).
 # 4. Benchmarks: bench/test_masked_step.py and bench/test_score.py on the ViT-B/16 c_fc set at 1% and
 #    10%, fp32 and bf16, random masks, against mask-multiply + torch.optim.AdamW(fused=True) and the
-#    other baselines; JSON, bench.report's markdown and a summary of the ratios.
+#    other baselines, and bench/test_sampled_grad.py (the weight gradient of the ViT-B/16 c_fc layers,
+#    batch 32, at the masked entries: fastmask.ops.sampled_weight_grad per backend against the dense
+#    product on tensor cores + gather); JSON (bench-gpu.json), bench.report's markdown and a
+#    summary of the ratios.
+# 5. LM (optional: SKIPPED, not failed, when transformers or peft is not importable): bench/lm_step.py
+#    on the GPU, the 374M-param bf16 Llama-style model, one fresh process per method (LoRA r=16, full
+#    fine-tuning, fastmask 1% with the step in backward, with and without sampled weight gradients,
+#    fastmask 1%, fastmask 10% with the step in backward; most important first, so that a cut stage
+#    still has them): torch.cuda.max_memory_allocated over the steps and the median time per step
+#    (5 steps after a warm-up); JSON lines in lm-gpu.jsonl.
 #
-# The stages share a budget of GPU_CHECK_BUDGET seconds (default 470, so that the whole run stays
-# under 8 minutes); a stage that would overrun is cut and reported as TIMEOUT. SUMMARY.md in the
-# output folder says, with the GPU's name and the date, what passed. Exit status: 0 if every stage
-# passed, 1 otherwise, 2 when the preflight fails. Environment: PYTHON (default: .venv/bin/python
-# if it sees a GPU, else python3), OUT, GPU_CHECK_BUDGET, MAX_JOBS, CUDA_HOME.
+# The stages share a budget of GPU_CHECK_BUDGET seconds (default 470; a stage is killed at most 5 s
+# after its limit, so that the whole run stays within 8 minutes); a stage that would overrun is cut
+# and reported as TIMEOUT, and one left with under 15 s is SKIPPED (budget spent), which fails the
+# check. SUMMARY.md in the output folder says, with the GPU's name and the date, what passed, with
+# tables of the masked step, the sampled weight gradient and the LM step. Exit status: 0 if every
+# stage passed or was skipped for want of compute-sanitizer (memcheck) or transformers/peft (lm), 1
+# otherwise (a missing pytest-benchmark fails the check), 2 when the preflight fails. Environment:
+# PYTHON (default: .venv/bin/python if it sees a GPU, else python3), OUT, GPU_CHECK_BUDGET,
+# MAX_JOBS, CUDA_HOME.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -90,9 +104,10 @@ try:
 except Exception:
     triton_version = "none"
 bench = "yes" if importlib.util.find_spec("pytest_benchmark") else "no"
+lm = "yes" if all(importlib.util.find_spec(m) is not None for m in ("transformers", "peft")) else "no"
 name = torch.cuda.get_device_name(0).replace("\t", " ")
 print("\t".join(["OK", name, f"{major}{minor}", torch.__version__, torch.version.cuda, triton_version, home,
-                 ns["_compiler_version"]([os.path.join(home, "bin", "nvcc"), "--version"]), bench]))
+                 ns["_compiler_version"]([os.path.join(home, "bin", "nvcc"), "--version"]), bench, lm]))
 PY
 ) || fail_early "$PYTHON could not run the preflight"
 case $preflight in
@@ -101,7 +116,7 @@ case $preflight in
     *) fail_early "the preflight printed nothing (is $PYTHON a working interpreter with torch?)" ;;
 esac
 IFS=$'\t' read -r _ GPU_NAME GPU_CC TORCH_VERSION TORCH_CUDA TRITON_VERSION CUDA_HOME_FOUND NVCC_VERSION HAVE_BENCH \
-    <<<"$preflight"
+    HAVE_LM <<<"$preflight"
 DATE=$(date -u +%Y-%m-%dT%H:%MZ)
 slug=$(tr -c 'A-Za-z0-9\n' '-' <<<"$GPU_NAME" | tr -s '-' | sed 's/^-//; s/-$//')
 OUT_DIR=${OUT:-$ROOT/bench/gpu-check-$slug-$(date -u +%Y%m%d-%H%M)}
@@ -130,7 +145,7 @@ run_stage() {  # run_stage NAME CAP LOG COMMAND...: status into STAGES, output i
     fi
     echo "gpu_check: $name (at most ${limit} s) ..."
     t0=$(date +%s)
-    timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1
+    timeout --kill-after=5 "$limit" "$@" >"$log" 2>&1
     rc=$?
     if [ $rc -eq 0 ]; then status=PASSED
     elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then status="TIMEOUT after ${limit} s"; overall=1
@@ -230,7 +245,8 @@ fi
 
 # 4. benchmarks
 benchmarks() {
-    cd "$WORK" && "$PYTHON" -m pytest bench/test_masked_step.py bench/test_score.py --benchmark-only -q -p no:cacheprovider \
+    cd "$WORK" && "$PYTHON" -m pytest bench/test_masked_step.py bench/test_score.py bench/test_sampled_grad.py \
+        --benchmark-only -q -p no:cacheprovider \
         --shapes vitb16 --densities 0.01,0.1 --masks random --dtypes fp32,bf16 --device cuda --case-time 0.2 \
         --paired-rounds 3 --benchmark-json="$OUT_DIR/bench-gpu.json" \
     && "$PYTHON" -m bench.report "$OUT_DIR/bench-gpu.json" --out "$OUT_DIR" --name RESULTS-gpu
@@ -241,6 +257,35 @@ elif [ "$HAVE_BENCH" != yes ]; then
     STAGES+=("benchmarks|SKIPPED (pytest-benchmark not installed)|0|-"); overall=1
 else
     run_stage benchmarks 240 "$OUT_DIR/bench.log" bash -c "$(declare -f benchmarks); $(declare -p WORK PYTHON OUT_DIR); benchmarks"
+fi
+
+# 5. LM step (optional): one fresh process per method, so that each CUDA peak is its own
+lm() {
+    cd "$WORK" || return 1
+    : >"$OUT_DIR/lm-gpu.jsonl"
+    local m rc line failed=0
+    for m in lora full fastmask_1_bwd_sampled fastmask_1_bwd fastmask_1 fastmask_10_bwd; do
+        echo "gpu_check: lm: $m"
+        "$PYTHON" -m bench.lm_step --size 400m --method "$m" --device cuda --steps 5 --json >"$WORK/lm-$m.out"
+        rc=$?
+        line=$(grep '^{' "$WORK/lm-$m.out" | tail -n 1)
+        if [ $rc -eq 0 ] && [ -n "$line" ]; then
+            printf '%s\n' "$line" | tee -a "$OUT_DIR/lm-gpu.jsonl"
+        elif [ $rc -eq 3 ]; then
+            echo "gpu_check: lm: $m skipped (not in this checkout)"
+        else
+            echo "gpu_check: lm: $m FAILED (exit $rc)"; cat "$WORK/lm-$m.out"; failed=1
+        fi
+    done
+    return $failed
+}
+if [ $built -ne 0 ]; then
+    STAGES+=("lm|SKIPPED (no build)|0|-")
+elif [ "$HAVE_LM" != yes ]; then
+    STAGES+=("lm|SKIPPED (transformers/peft not importable)|0|-")
+    echo "gpu_check: lm: skipped, transformers or peft is not importable with $PYTHON"
+else
+    run_stage lm 90 "$OUT_DIR/lm.log" bash -c "$(declare -f lm); $(declare -p WORK PYTHON OUT_DIR); lm"
 fi
 
 # ------------------------------------------------------------------------------------------------
@@ -292,9 +337,66 @@ for key, r in sorted(rows.items()):
 
     print("| " + " | ".join(map(str, key)) + f" | {cell('adamw_fused+mask')} | {cell('fastmask:ext')} | "
           f"{cell('fastmask:triton')} |")
+
+rows = {}
+for b in data["benchmarks"]:
+    x = b.get("extra_info", {})
+    if x.get("bench") != "sampled_grad":
+        continue
+    key = (-x["out_features"] * x["in_features"], f"[{x['out_features']}, {x['in_features']}]", x["T"], x["dtype"],
+           x["density"])
+    rows.setdefault(key, {})[x["impl"]] = b["stats"]["median"]
+if rows:
+    impls = ["dense+gather"] + sorted({i for r in rows.values() for i in r if i != "dense+gather"})
+    print()
+    print("Sampled weight gradient (a ViT-B/16 c_fc layer's weight gradient at the masked entries, T tokens): median "
+          "time of `fastmask.ops.sampled_weight_grad` per backend, and the speed-up over the dense product "
+          "`(grad_out.t() @ input).view(-1)[idx]` (cuBLAS, tensor cores for bf16) on the same tensors; above 1x the "
+          "sampled op is faster:")
+    print()
+    print("| layer | T | dtype | density | " + " | ".join(impls) + " |")
+    print("|" + " --- |" * (4 + len(impls)))
+    for key, r in sorted(rows.items()):
+        base = r.get("dense+gather")
+        cells = []
+        for name in impls:
+            t = r.get(name)
+            cells.append("-" if t is None else f"{t * 1e3:.3f} ms"
+                         + (f" ({base / t:.2f}x)" if base and name != "dense+gather" else ""))
+        print(f"| {key[1]} | {key[2]} | {key[3]} | {key[4]} | " + " | ".join(cells) + " |")
 PY
         echo
         echo "Full tables: RESULTS-gpu.md (bench.report), raw: bench-gpu.json."
+    fi
+    if [ -s "$OUT_DIR/lm-gpu.jsonl" ]; then
+        echo
+        "$PYTHON" - "$OUT_DIR/lm-gpu.jsonl" <<'PY'
+import json, statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    if line.strip():
+        r = json.loads(line)
+        rows[r["method"]] = r
+peak = {m: r.get("cuda_max_allocated") for m, r in rows.items()}
+first = next(iter(rows.values()))
+print(f"LM step ({first['size']}: {first['params'] / 1e6:.0f}M params, bf16, batch {first['batch']} x {first['seq']} "
+      f"tokens; `bench/lm_step.py`, one process per method): `torch.cuda.max_memory_allocated` over the steps "
+      "(model included) and the median time per step:")
+print()
+print("| method | CUDA peak MB | x LoRA | x full | ms/step |")
+print("| --- | --- | --- | --- | --- |")
+
+
+def ratio(m, ref):
+    return f"{peak[m] / peak[ref]:.2f}x" if peak.get(m) and peak.get(ref) else "-"
+
+
+for m, r in rows.items():
+    mb = f"{peak[m] / 1e6:.0f}" if peak.get(m) else "-"
+    print(f"| {m} | {mb} | {ratio(m, 'lora')} | {ratio(m, 'full')} | {1e3 * statistics.median(r['step_s']):.1f} |")
+PY
+        echo
+        echo "Raw: lm-gpu.jsonl (one line per method, bench/lm_step.py's JSON)."
     fi
 } >"$OUT_DIR/SUMMARY.md"
 cat "$OUT_DIR/SUMMARY.md"
