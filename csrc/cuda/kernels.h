@@ -1,5 +1,6 @@
 // CUDA kernels of fastmask: plain pointers and sizes, no torch headers (ops_cuda.cpp binds them).
-// Multi-tensor apply: a table of up to kMaxTensors tensors is passed by value, so one launch
+// Multi-tensor apply: a table of up to kMaxTensors tensors is passed by value (a kernel argument:
+// nothing to copy or keep alive, safe on any stream and under CUDA graph capture), so one launch
 // serves them all; the binding splits longer lists into several launches.
 #pragma once
 
@@ -11,14 +12,29 @@
 namespace fastmask {
 namespace cuda {
 
+// CUDA 12.1 raised the kernel argument limit from 4 KiB to 32 KiB (Volta and newer; fastmask
+// builds for sm_80 and up): 128 tensors per launch (6 KiB of table), e.g. a 64-layer model's
+// gate_proj and up_proj in one launch; 40 (under 4 KiB) with an older toolkit.
+#if defined(CUDART_VERSION) && CUDART_VERSION >= 12010
+constexpr int kMaxTensors = 128;
+constexpr int kMaxKernelArgBytes = 32764;
+#else
 constexpr int kMaxTensors = 40;
+constexpr int kMaxKernelArgBytes = 4096;
+#endif
+
+// Entries of one tensor's gradient per score block (dense passes): 256 threads x 16.
+constexpr int64_t kScoreChunk = 4096;
 
 struct StepTable {
   void* param[kMaxTensors];
   const void* grad[kMaxTensors];
   float* score[kMaxTensors];
   int64_t numel[kMaxTensors];
-  int64_t k_begin[kMaxTensors + 1];      // segment offsets into idx / state (relative to idx below)
+  // Segment offsets into idx / state (relative to StepParams::idx). k_begin[0] is the launch's
+  // head peel (0-3 entries that belong to no tensor: the compact arrays' pointers are rounded down
+  // to a multiple of 4 entries, so their vector loads stay aligned in every launch).
+  int64_t k_begin[kMaxTensors + 1];
   int64_t chunk_begin[kMaxTensors + 1];  // first dense score chunk of each tensor
   int num_tensors;
 };

@@ -15,6 +15,7 @@
 
 #include "../common.h"
 #include "kernels.h"
+#include "launch_tables.h"
 
 namespace fastmask {
 namespace {
@@ -22,8 +23,6 @@ namespace {
 void check_cuda(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, what, ": ", cudaGetErrorString(err));
 }
-
-constexpr int64_t kScoreChunk = 256 * 16;  // must equal kScoreChunk in kernels.cu
 
 void masked_adamw_step_cuda(at::TensorList params, at::TensorList grads, const at::Tensor& idx,
                             const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, at::IntArrayRef offsets,
@@ -38,74 +37,11 @@ void masked_adamw_step_cuda(at::TensorList params, at::TensorList grads, const a
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
 
-  cuda::StepParams sp{};
-  at::Tensor lr_dev, gs_dev, fi_dev;  // keep converted scalars alive until launched (stream-ordered)
-  TORCH_CHECK(lr.numel() == 1, "lr: expected one element");
-  if (lr.device().is_cpu()) {
-    sp.lr_value = lr.item<double>();
-  } else {
-    TORCH_CHECK(lr.device() == params[0].device(), "lr: expected the CPU or the params' device");
-    lr_dev = (lr.scalar_type() == at::kDouble || lr.scalar_type() == at::kFloat) ? lr : lr.to(at::kDouble);
-    sp.lr_ptr = lr_dev.data_ptr();
-    sp.lr_is_double = lr_dev.scalar_type() == at::kDouble;
-  }
-  // grad_scale and found_inf live on the params' device (a CPU one would need a blocking copy).
-  if (grad_scale.has_value()) {
-    TORCH_CHECK(grad_scale->numel() == 1 && grad_scale->device() == params[0].device(),
-                "grad_scale: expected one element on ", params[0].device(), ", got ", grad_scale->device());
-    gs_dev = grad_scale->to(at::kFloat);
-    sp.grad_scale = gs_dev.data_ptr<float>();
-  }
-  if (found_inf.has_value()) {
-    TORCH_CHECK(found_inf->numel() == 1 && found_inf->device() == params[0].device(),
-                "found_inf: expected one element on ", params[0].device(), ", got ", found_inf->device());
-    fi_dev = found_inf->to(at::kFloat);
-    sp.found_inf = fi_dev.data_ptr<float>();
-  }
-  const at::Tensor steps_f = steps.to(at::kFloat).contiguous();
-  sp.beta1 = beta1;
-  sp.beta2 = beta2;
-  sp.weight_decay = weight_decay;
-  sp.consts = make_consts(beta1, beta2, eps);
-  sp.param_type = static_cast<int>(param_type_of(params[0].scalar_type()));
-  sp.maximize = maximize;
-  sp.with_scores = !scores.empty();
-  sp.score_mode = static_cast<int>(mode);
-
-  float* m_base = exp_avg.data_ptr<float>();
-  float* v_base = exp_avg_sq.data_ptr<float>();
-  float* vm_base = max_exp_avg_sq.has_value() ? max_exp_avg_sq->data_ptr<float>() : nullptr;
-  const int32_t* idx_base = idx.data_ptr<int32_t>();
-  const float* steps_base = steps_f.data_ptr<float>();
-  // Skipped out-of-range entries, all launches of this call (allocated on the stream, no sync).
-  const at::Tensor bad_count = at::zeros({1}, params[0].options().dtype(at::kInt));
-  sp.bad_count = bad_count.data_ptr<int32_t>();
-
-  for (int64_t first = 0; first < n; first += cuda::kMaxTensors) {
-    const int64_t count = std::min<int64_t>(cuda::kMaxTensors, n - first);
-    cuda::StepTable tab{};
-    tab.num_tensors = static_cast<int>(count);
-    const int64_t k0 = offsets[first];
-    tab.k_begin[0] = 0;
-    tab.chunk_begin[0] = 0;
-    for (int64_t u = 0; u < count; ++u) {
-      const int64_t t = first + u;
-      tab.param[u] = params[t].data_ptr();
-      tab.grad[u] = grads[t].data_ptr();
-      tab.score[u] = scores.empty() ? nullptr : scores[t].data_ptr<float>();
-      tab.numel[u] = params[t].numel();
-      tab.k_begin[u + 1] = offsets[t + 1] - k0;
-      tab.chunk_begin[u + 1] = tab.chunk_begin[u] + (tab.numel[u] + kScoreChunk - 1) / kScoreChunk;
-    }
-    sp.idx = idx_base + k0;
-    sp.exp_avg = m_base + k0;
-    sp.exp_avg_sq = v_base + k0;
-    sp.max_exp_avg_sq = vm_base ? vm_base + k0 : nullptr;
-    sp.steps = steps_base + first;
-    auto aligned = [](const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-    sp.vec4 = aligned(sp.idx) && aligned(sp.exp_avg) && aligned(sp.exp_avg_sq) && aligned(sp.max_exp_avg_sq);
-    check_cuda(fastmask_cuda_masked_adamw_step(&tab, &sp, stream), "fastmask masked_adamw_step_ launch");
-  }
+  const at::Tensor bad_count = cuda::run_step_launches(
+      params, grads, idx, exp_avg, exp_avg_sq, offsets, steps, lr, beta1, beta2, eps, weight_decay, maximize,
+      max_exp_avg_sq, grad_scale, found_inf, scores, mode, [&](const cuda::StepTable& tab, const cuda::StepParams& sp) {
+        check_cuda(fastmask_cuda_masked_adamw_step(&tab, &sp, stream), "fastmask masked_adamw_step_ launch");
+      });
   at::_assert_async(bad_count.eq(0),
                     "fastmask masked_adamw_step_: idx holds indices out of range of their tensor (outside [0, numel)); "
                     "nothing was read or written at them, the other selected entries were stepped. The index buffer "
@@ -117,41 +53,15 @@ void score_accumulate_cuda(at::TensorList scores, at::TensorList grads, c10::str
   const ScoreMode mode = parse_score_mode(score_mode);
   TORCH_CHECK(scores.size() == grads.size(), "scores: expected one score tensor per gradient");
   if (scores.empty()) return;
+  TORCH_CHECK(scores[0].is_cuda(), "score_accumulate_: all tensors must be on one CUDA device");
   const c10::cuda::CUDAGuard guard(scores[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   std::vector<at::Tensor> keep;
   const int64_t n = static_cast<int64_t>(scores.size());
   for (int64_t first = 0; first < n; first += cuda::kMaxTensors) {
     const int64_t count = std::min<int64_t>(cuda::kMaxTensors, n - first);
-    cuda::ScoreTable tab{};
-    tab.num_tensors = static_cast<int>(count);
-    tab.chunk_begin[0] = 0;
-    for (int64_t u = 0; u < count; ++u) {
-      const int64_t t = first + u;
-      const at::Tensor& s = scores[t];
-      at::Tensor g = grads[t];
-      TORCH_CHECK(s.is_cuda() && s.device() == scores[0].device() && g.device() == s.device(),
-                  "score_accumulate_: all tensors must be on one CUDA device");
-      TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && g.is_contiguous() && s.sizes() == g.sizes(),
-                  "score_accumulate_: scores[", t, "] must be contiguous float32 shaped like grads[", t, "]");
-      TORCH_CHECK(s.numel() <= INT32_MAX * int64_t(4096), "score_accumulate_: tensor too large");
-      int gt;
-      switch (g.scalar_type()) {
-        case at::kFloat: gt = 0; break;
-        case at::kBFloat16: gt = 1; break;
-        case at::kHalf: gt = 2; break;
-        case at::kDouble: gt = 3; break;
-        default:
-          g = g.to(at::kFloat);
-          keep.push_back(g);
-          gt = 0;
-      }
-      tab.score[u] = s.data_ptr<float>();
-      tab.grad[u] = g.data_ptr();
-      tab.numel[u] = s.numel();
-      tab.grad_type[u] = gt;
-      tab.chunk_begin[u + 1] = tab.chunk_begin[u] + (s.numel() + kScoreChunk - 1) / kScoreChunk;
-    }
+    cuda::ScoreTable tab;
+    cuda::fill_score_launch(scores, grads, first, count, scores[0].device(), keep, tab);
     check_cuda(fastmask_cuda_score_accumulate(&tab, static_cast<int>(mode), stream),
                "fastmask score_accumulate_ launch");
   }
