@@ -395,10 +395,14 @@ def sampled_weight_grad(grad_out: torch.Tensor, input: torch.Tensor, idx: torch.
     For ``y = input @ weight.T`` (``weight`` of shape ``[out, in]``), ``grad_out`` ``[T, out]`` and
     ``input`` ``[T, in]`` (tokens flattened into ``T``), returns ``v`` with
     ``v[j] = sum_t grad_out[t, r] * input[t, c]`` for ``idx[j] = r * in + c``: the entries ``idx``
-    of ``grad_out.T @ input`` (flat positions in the weight, as masks hold them), without computing
-    the others: ``K * T`` multiply-adds instead of ``out * in * T``. Sums in float32 (float64 for
-    float64 inputs); the summation order is the backend's, so results agree with the dense
-    product to rounding, not bit for bit. ``idx`` is 1-D int32; an index outside ``[0, out * in)``
+    of ``grad_out.T @ input`` (flat positions in the weight, as masks hold them). The CPU kernel, the
+    Triton kernel and the reference compute only those entries (``K * T`` multiply-adds instead of
+    ``out * in * T``); the extension's CUDA kernel lets cuBLAS compute the product in row chunks of
+    at most 2^22 entries (tensor cores make that cheaper on a GPU than scattered dot products) and
+    gathers the selected ones, so the whole gradient never exists at once. Sums in float32
+    (float64 for float64 inputs; fp32 inputs on CUDA follow torch's TF32 setting for matmuls); the
+    summation order is the backend's, so results agree with the dense product to rounding, not bit
+    for bit. ``idx`` is 1-D int32; an index outside ``[0, out * in)``
     raises ``IndexError``.
     """
     return torch.ops.fastmask.sampled_weight_grad(grad_out, input, idx)
