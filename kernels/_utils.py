@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections import OrderedDict
+from typing import Callable
 
 import numpy as np
 import torch
@@ -183,6 +185,100 @@ class TableCache:
         return table
 
 
+class DerivedCache:
+    """Device tensors computed on the device from an index buffer's contents (the fused step's
+    per-program ranges), cached per buffer as ``fastmask.ops`` caches its index check.
+
+    An entry belongs to the buffer's base tensor (held weakly: the entry goes when the base does),
+    the view's position and length, and a caller's ``layout`` (segment offsets, sizes, block); it
+    is valid for one version of the base (every in-place torch write bumps the version counter,
+    and a new version replaces the entry). A write that does not bump the version (through
+    ``.data`` or numpy) leaves the entry stale: a caller must cache only what stays *safe* when
+    stale (the fused step clamps its ranges to the segments, so stale ranges cost locality, never
+    correctness or bounds). Buffers made under ``torch.inference_mode()`` have no version counter:
+    their tensors are computed on every call.
+
+    Streams and CUDA graphs follow :class:`TableCache`'s rules (nothing waits on the host): an
+    eager miss computes on the current stream and records an event after it; another stream
+    waits for that event (once, and only until the computation is seen complete) and is recorded
+    on the tensor's memory, so that replacing or evicting the entry cannot free it under a running
+    kernel. Under capture, an entry whose computation is known complete (seen by an eager call) is
+    used and pinned for the life of the process; otherwise the computation is captured (it reruns
+    at every replay, before the kernel that reads it) and its tensor kept, and never handed to
+    eager calls. On the CPU (the interpreter) the same keys, without events.
+    """
+
+    def __init__(self, size: int = 64) -> None:
+        self._size = size
+        # (device, id(base), offset, numel, layout) -> (weakref to base, version, _Table or tensor)
+        self._entries: OrderedDict[tuple, tuple] = OrderedDict()
+        self._pinned: dict[tuple, tuple] = {}  # (key, version) -> entry: used by a captured graph
+        self._captured: list[torch.Tensor] = []  # computed during captures
+
+    def _forget(self, key: tuple, ref: weakref.ref) -> None:
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] is ref:
+            del self._entries[key]
+
+    def get(self, idx: torch.Tensor, layout: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        device = idx.device
+        cuda = device.type == "cuda"
+        if idx.is_inference():  # no version counter to key on
+            out = compute()
+            if cuda and _capturing(device):
+                self._captured.append(out)
+            return out
+        base = idx._base if idx._base is not None else idx
+        key = (device, id(base), idx.storage_offset(), idx.numel(), layout)
+        version = idx._version
+        hit = self._pinned.get((key, version)) or self._entries.get(key)
+        if hit is not None and (hit[0]() is not base or hit[1] != version):  # a reused id, or a new version
+            hit = None
+        if not cuda:
+            if hit is None:
+                ref = weakref.ref(base, lambda r, k=key: self._forget(k, r))
+                hit = self._entries[key] = (ref, version, compute())
+                self._entries.move_to_end(key)
+                self._evict()
+            elif key in self._entries:
+                self._entries.move_to_end(key)
+            return hit[2]
+
+        if _capturing(device):
+            if hit is not None and hit[2].done:
+                if self._entries.get(key) is hit:
+                    del self._entries[key]
+                self._pinned[(key, version)] = hit
+                return hit[2].table
+            out = compute()  # captured: recomputed by every replay, before the kernel reading it
+            self._captured.append(out)
+            return out
+        stream = torch.cuda.current_stream(device)
+        if hit is None:
+            out = compute()
+            ref = weakref.ref(base, lambda r, k=key: self._forget(k, r))
+            hit = self._entries[key] = (ref, version, _Table(None, out, self._record(device, stream),
+                                                             _stream_key(stream)))
+            self._entries.move_to_end(key)
+            self._evict()
+        elif key in self._entries:
+            self._entries.move_to_end(key)
+        hit[2].use_on(stream)
+        return hit[2].table
+
+    def _evict(self) -> None:
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+    @staticmethod
+    def _record(device, stream):
+        """An event recorded on ``stream`` after the computation just queued there."""
+        with torch.cuda.device(device):
+            event = torch.cuda.Event()
+            event.record(stream)
+        return event
+
+
 def launch_context(device: torch.device):
     """Triton launches on the current CUDA device: make it the tensors' device."""
     import contextlib
@@ -204,6 +300,27 @@ def find_block(table_ptr, n_tensors, pid, T_PAD: tl.constexpr):
     t = tl.sum((starts <= pid).to(tl.int32), axis=0) - 1
     first = tl.load(table_ptr + t)
     return t, first
+
+
+#: Compact entries per 16 bytes (int32 indices, fp32 state): the plain step aligns its programs'
+#: first entries to this, so that its contiguous loads and stores can be 16-byte vectors.
+COMPACT_ALIGN = tl.constexpr(4)
+
+
+def aligned16(ptrs) -> bool:
+    """Every address is a multiple of 16 bytes: the kernels may then hint their table pointers so
+    (Triton specializes pointer *arguments* on this by itself, but not pointers read from a table)."""
+    return all(p % 16 == 0 for p in ptrs)
+
+
+@triton.jit
+def table_ptr_of(table_ptr, row, n_tensors, t, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Tensor ``t``'s data pointer from table row ``row``, typed; hinted 16-byte aligned if the host
+    checked that every pointer of the row is (``aligned16``)."""
+    p = tl.load(table_ptr + row * n_tensors + t).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    return p
 
 
 @triton.jit
@@ -233,6 +350,21 @@ def statistic(g, SCORE_MODE: tl.constexpr):
     else:
         s = g * g
     return s
+
+
+@triton.jit
+def accumulate_scores(g_ptr, sc_ptr, offs, mask, scale, HAS_SCALE: tl.constexpr, SCORE_MODE: tl.constexpr):
+    """``sc[offs] += statistic(g[offs] (/ scale))`` for one dense block; ``mask=None``: a whole block,
+    loaded and stored without masks (vector accesses where the pointers are known aligned)."""
+    if mask is None:
+        g = tl.load(g_ptr + offs).to(tl.float32)
+        acc = tl.load(sc_ptr + offs)
+    else:
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        acc = tl.load(sc_ptr + offs, mask=mask, other=0.0)
+    if HAS_SCALE:
+        g = tl.div_rn(g, scale)
+    tl.store(sc_ptr + offs, acc + statistic(g, SCORE_MODE), mask=mask)
 
 
 @triton.jit

@@ -646,6 +646,347 @@ def test_index_write_without_version_bump_raises(track, how):
     assert torch.equal(a.detach().view(-1)[a_unselected], a_before.view(-1)[a_unselected])
 
 
+# ---------------------------------------------------------------------------------------------
+# the fused step's per-program ranges (bisected once per mask, cached per index buffer version)
+# and the plain step's unmasked (vector) programs
+# ---------------------------------------------------------------------------------------------
+RANGE_SHAPES = [(7,), (3, 5000), (0,), (1,), (9000,), (4096,)]  # several programs per tensor (block 4096 on the CPU)
+
+
+def _count_ranges(monkeypatch):
+    """Record every computation of the fused ranges (``_fused_ranges``' results)."""
+    mod = _kernel_module()
+    made, real = [], mod._fused_ranges
+    monkeypatch.setattr(mod, "_fused_ranges", lambda *a: made.append(real(*a)) or made[-1])
+    return made
+
+
+def _ops_step(q, idx=None, scores=(), mode="abs", amsgrad=True):
+    ops.masked_adamw_step_(q.params, q.grads, q.idx if idx is None else idx, q.exp_avg, q.exp_avg_sq, q.offsets,
+                           q.steps, torch.tensor(1e-2, dtype=torch.float64), 0.9, 0.999, 1e-8, 0.1, False,
+                           max_exp_avg_sq=q.max_exp_avg_sq if amsgrad else None, scores=list(scores), score_mode=mode)
+
+
+def _expected_ranges(idx, problem):
+    block = _kutils.dense_block(torch.device(DEVICE))
+    expected = []
+    for t, p in enumerate(problem.params):
+        lo, hi = problem.offsets[t], problem.offsets[t + 1]
+        starts = torch.arange(0, p.numel(), block, dtype=torch.int64)
+        found = torch.searchsorted(idx[lo:hi].cpu().long(), starts) + lo
+        expected += [lo] + found[1:].tolist() if starts.numel() else []
+    return expected
+
+
+def test_fused_ranges_are_each_blocks_first_entry(monkeypatch):
+    """Program ``b`` of a tensor starts at the first selected entry >= ``b * BLOCK`` (its segment's
+    start for ``b = 0``): ``torch.searchsorted`` of the block starts in the sorted segment."""
+    made = _count_ranges(monkeypatch)
+    problem = make_problem(RANGE_SHAPES, density=0.3, seed=131)
+    _both(problem, torch.float32, scores=_random_scores(RANGE_SHAPES, seed=133), score_mode="abs", amsgrad=True)
+    assert len(made) == 1
+    assert made[0].cpu().tolist() == _expected_ranges(problem.idx, problem)
+
+
+def test_fused_ranges_cached_per_index_version(monkeypatch):
+    """Computed once per index buffer, view position and layout, again after any in-place torch
+    write (which bumps the version), and on every call for an inference-mode buffer."""
+    made = _count_ranges(monkeypatch)
+    q = _on_device(make_problem(RANGE_SHAPES, density=0.2, seed=137))
+    scores = _random_scores(RANGE_SHAPES, seed=139)
+    with backends.use("triton"):
+        _ops_step(q, scores=scores)
+        _ops_step(q, scores=scores)
+        _ops_step(q, idx=q.idx[:], scores=scores)  # a view of the same buffer, same position: cached
+        assert len(made) == 1
+        _ops_step(q, scores=scores, mode="fisher")  # another statistic, same ranges
+        _ops_step(q, scores=())  # the plain step needs none
+        assert len(made) == 1
+        q.idx.copy_(q.idx.clone())  # bumps the version: recomputed once
+        _ops_step(q, scores=scores)
+        _ops_step(q, scores=scores)
+        assert len(made) == 2
+        wide = torch.cat([q.idx, torch.zeros(5, dtype=torch.int32, device=DEVICE)])
+        _ops_step(q, idx=wide[:q.idx.numel()], scores=scores)  # another buffer
+        _ops_step(q, idx=wide[:q.idx.numel()], scores=scores)
+        assert len(made) == 3
+        with torch.inference_mode():
+            frozen = q.idx.clone()
+        _ops_step(q, idx=frozen, scores=scores)
+        _ops_step(q, idx=frozen, scores=scores)
+        assert len(made) == 5
+
+
+@cpu_only
+@pytest.mark.parametrize("amsgrad", [pytest.param(False, id="adam"), pytest.param(True, id="amsgrad")])
+def test_fused_stale_ranges_still_step_every_entry_once(monkeypatch, amsgrad):
+    """The index buffer rewritten behind fastmask's back (``.data``: no version bump) with other
+    valid, sorted indices: the cached ranges are stale (entries now fall in other programs'
+    blocks), yet every entry is stepped exactly once, as the reference steps the new indices."""
+    made = _count_ranges(monkeypatch)
+    start = _on_device(make_problem(RANGE_SHAPES, density=0.3, seed=141))
+    scores0 = _random_scores(RANGE_SHAPES, seed=143)
+    gen = torch.Generator().manual_seed(145)
+    new_idx = torch.cat([random_indices(p.numel(), start.offsets[t + 1] - start.offsets[t], gen)
+                         for t, p in enumerate(start.params)]).to(DEVICE)
+    # most entries of the big tensors move to other blocks
+    assert not torch.equal(new_idx, start.idx)
+
+    warm = copy.deepcopy(start)
+    idx = start.idx.clone()
+    with backends.use("triton"):
+        _ops_step(warm, idx=idx, scores=[s.clone() for s in scores0], amsgrad=amsgrad)  # caches the ranges
+        version = idx._version
+        idx.data.copy_(new_idx)
+        assert idx._version == version
+        out, out_scores = copy.deepcopy(start), [s.clone() for s in scores0]
+        _ops_step(out, idx=idx, scores=out_scores, amsgrad=amsgrad)
+    assert len(made) == 1, "the ranges were recomputed: the test does not exercise stale ranges"
+    assert made[0].cpu().tolist() != _expected_ranges(new_idx, start), "the new indices fit the old ranges"
+    fresh = copy.deepcopy(start)
+    fresh.idx = new_idx
+    ref, ref_scores = copy.deepcopy(fresh), [s.clone() for s in scores0]
+    with backends.use("reference"):
+        _ops_step(ref, scores=ref_scores, amsgrad=amsgrad)
+    _compare(fresh, ref, out, torch.float32, amsgrad=amsgrad, ref_scores=ref_scores, out_scores=out_scores)
+
+
+@cpu_only
+@pytest.mark.parametrize("stale", [pytest.param(False, id="fresh-ranges"), pytest.param(True, id="stale-ranges")])
+@pytest.mark.parametrize("kind", list(BAD_VALUES))
+def test_fused_counts_every_out_of_range_index_even_unsorted(kind, stale):
+    """Out-of-range indices in the middle of a multi-program segment (unsorted): every one is
+    visited and counted (the programs split the segment whatever it holds), nothing outside the
+    tensors is touched, and the bad entries' state is unchanged."""
+    shapes = [(7,), (3, 5000), (9000,)]
+    pr, pbuf, gbuf, inside = poisoned_problem(shapes, torch.float32, density=0.3, seed=151, guard=GUARD,
+                                              device=DEVICE)
+    where = 1
+    lo, hi = pr.offsets[where], pr.offsets[where + 1]
+    at = torch.tensor([lo + 5, (lo + hi) // 2, hi - 7])
+    values = BAD_VALUES[kind](pr.params[where].numel())
+    idx = pr.idx.clone()
+    scores = _random_scores(shapes, seed=153)
+    m, v, vm = pr.exp_avg.clone(), pr.exp_avg_sq.clone(), pr.max_exp_avg_sq.clone()
+    if stale:  # the ranges cached for the valid contents, then the write without a version bump
+        with backends.use("triton"):
+            _ops_step(copy.deepcopy(pr), idx=idx, scores=[s.clone() for s in scores])
+        idx.data[at.to(DEVICE)] = torch.tensor(values, dtype=torch.int32, device=DEVICE)
+    else:
+        idx[at.to(DEVICE)] = torch.tensor(values, dtype=torch.int32, device=DEVICE)
+    keep = torch.ones(idx.numel(), dtype=torch.bool)
+    keep[at] = False
+    pbuf0, gbuf0 = pbuf.clone(), gbuf.clone()
+    with pytest.raises(IndexError, match=rf"^idx: 3 indices of tensor {where} are outside"):
+        _kernel_step(pr.params, pr.grads, idx, m, v, pr.offsets, pr.steps, vm, scores, "abs")
+    _assert_untouched(pr, pbuf, pbuf0, gbuf, gbuf0, inside, keep, m, v, vm)
+
+
+@cpu_only
+@pytest.mark.parametrize("kind", list(BAD_VALUES))
+def test_plain_step_unmasked_programs_skip_bad_indices(kind):
+    """The plain step's programs wholly inside a segment run without masks on the compact arrays
+    (vector accesses on a GPU) and write every entry's state back: an out-of-range index there is
+    counted, its param/grad never accessed, its state (a NaN payload included) kept bit for bit;
+    the other entries step exactly as without it. Segments start at unaligned positions."""
+    shapes = [(7,), (3, 9000), (40001,)]
+    pr, pbuf, gbuf, inside = poisoned_problem(shapes, torch.float32, density=0.5, seed=161, guard=GUARD,
+                                              device=DEVICE)
+    block = _kutils.dense_block(torch.device(DEVICE))
+    where = 2
+    lo, hi = pr.offsets[where], pr.offsets[where + 1]
+    assert lo % 4 and hi - lo > 3 * block  # unaligned start; programs wholly inside the segment
+    first_inside = (lo // 4) * 4 + block  # the second program of the tensor starts here
+    at = torch.tensor([first_inside, first_inside + 1000, first_inside + block + 3])
+    values = BAD_VALUES[kind](pr.params[where].numel())
+    idx = pr.idx.clone()
+    idx[at.to(DEVICE)] = torch.tensor(values, dtype=torch.int32, device=DEVICE)
+    keep = torch.ones(idx.numel(), dtype=torch.bool)
+    keep[at] = False
+    nan_payload = torch.tensor([0x7FC01234], dtype=torch.int32).view(torch.float32).to(DEVICE)
+    pr.exp_avg[at[:1].to(DEVICE)] = nan_payload  # one of them
+    m, v, vm = pr.exp_avg.clone(), pr.exp_avg_sq.clone(), pr.max_exp_avg_sq.clone()
+    pbuf0, gbuf0 = pbuf.clone(), gbuf.clone()
+    with pytest.raises(IndexError, match=rf"^idx: 3 indices of tensor {where} are outside"):
+        _kernel_step(pr.params, pr.grads, idx, m, v, pr.offsets, pr.steps, vm, [], "grad")
+    assert torch.equal(_bits(pbuf)[~inside], _bits(pbuf0)[~inside]), "memory outside the params was written"
+    assert torch.equal(_bits(gbuf), _bits(gbuf0)), "grads were written"
+    bad = at.to(DEVICE)
+    for name, after, before in (("exp_avg", m, pr.exp_avg), ("exp_avg_sq", v, pr.exp_avg_sq),
+                                ("max_exp_avg_sq", vm, pr.max_exp_avg_sq)):
+        assert torch.equal(_bits(after[bad]), _bits(before[bad])), f"bad entries' {name} changed"
+
+    kd = keep.to(DEVICE)
+    offsets = [int(keep[:o].sum()) for o in pr.offsets]
+    params = [p.clone() for p in pr.params]
+    for p, p0 in zip(params, poisoned_problem(shapes, torch.float32, density=0.5, seed=161, guard=GUARD,
+                                              device=DEVICE)[0].params):
+        p.copy_(p0)
+    mc, vc, vmc = pr.exp_avg[kd].clone(), pr.exp_avg_sq[kd].clone(), pr.max_exp_avg_sq[kd].clone()
+    _kernel_step(params, [g.clone() for g in pr.grads], idx[kd].clone(), mc, vc, offsets, pr.steps, vmc, [], "grad")
+    for t, (a, b) in enumerate(zip(pr.params, params)):
+        assert torch.equal(_bits(a), _bits(b)), f"params[{t}] differ from a step without the bad entries"
+    assert torch.equal(m[kd], mc) and torch.equal(v[kd], vc) and torch.equal(vm[kd], vmc)
+
+
+@cpu_only
+@pytest.mark.parametrize("garbage", ["monotone", "random"])
+def test_fused_step_stays_in_bounds_whatever_the_ranges_hold(monkeypatch, garbage):
+    """The kernel clamps each program's range to its tensor's segment: with ranges that are
+    garbage (far outside the segments), nothing outside the tensors is read or written; with
+    non-decreasing garbage the programs still split every segment, so the step is exact."""
+    mod = _kernel_module()
+    shapes = [(7,), (3, 5000), (9000,), (4096,)]
+    pr, pbuf, gbuf, inside = poisoned_problem(shapes, torch.float32, density=0.3, seed=181, guard=GUARD,
+                                              device=DEVICE)
+    gen = torch.Generator().manual_seed(183)
+
+    def fake(table, n, idx, total, block, seg):
+        k = idx.numel()
+        junk = torch.randint(-2**40, 2**40, (total,), generator=gen)
+        junk[: total // 2] = torch.randint(-5 * k, 6 * k, (total // 2,), generator=gen)
+        junk = junk[torch.randperm(total, generator=gen)]
+        return (junk.sort().values if garbage == "monotone" else junk).to(idx.device)
+
+    monkeypatch.setattr(mod, "_fused_ranges", fake)
+    scores0 = _random_scores(shapes, seed=185)
+    before = copy.deepcopy(pr)
+    pbuf0, gbuf0 = pbuf.clone(), gbuf.clone()
+    scores = [s.clone() for s in scores0]
+    _kernel_step(pr.params, pr.grads, pr.idx.clone(), pr.exp_avg, pr.exp_avg_sq, pr.offsets, pr.steps,
+                 pr.max_exp_avg_sq, scores, "abs")
+    assert torch.equal(_bits(pbuf)[~inside], _bits(pbuf0)[~inside]), "memory outside the params was written"
+    assert torch.equal(_bits(gbuf), _bits(gbuf0)), "grads were written"
+    if garbage == "monotone":
+        ref = copy.deepcopy(before)
+        ref_scores = [s.clone() for s in scores0]
+        with backends.use("reference"):
+            ops.masked_adamw_step_(ref.params, ref.grads, ref.idx, ref.exp_avg, ref.exp_avg_sq, ref.offsets,
+                                   ref.steps, torch.tensor(1e-2, dtype=torch.float64), 0.9, 0.999, 1e-8, 0.1, False,
+                                   max_exp_avg_sq=ref.max_exp_avg_sq, scores=ref_scores, score_mode="abs")
+        _compare(before, ref, pr, torch.float32, amsgrad=True, ref_scores=ref_scores, out_scores=scores)
+
+
+def _problem_with_counts(ks, dtype, seed):
+    """A problem whose tensor ``t`` has ``2 * ks[t] + 1`` entries, ``ks[t]`` of them selected."""
+    gen = torch.Generator().manual_seed(seed)
+    problem = make_problem([(2 * k + 1,) for k in ks], dtype=dtype, density=0.0, seed=seed)
+    problem.idx = torch.cat([random_indices(2 * k + 1, k, gen) for k in ks])
+    problem.offsets = [0]
+    for k in ks:
+        problem.offsets.append(problem.offsets[-1] + k)
+    n = problem.offsets[-1]
+    problem.exp_avg = 0.1 * torch.randn(n, generator=gen)
+    problem.exp_avg_sq = 0.01 * torch.rand(n, generator=gen) + 1e-4
+    problem.max_exp_avg_sq = 0.02 * torch.rand(n, generator=gen) + 1e-4
+    return problem
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+def test_plain_step_unaligned_segments_match_reference(dtype):
+    """Segments starting at every offset modulo 4, whose last program ends exactly at, one entry
+    short of and one entry past their end: the aligned tiling (masked first and last programs,
+    unmasked ones between) steps every entry once, exactly as the reference."""
+    B = _kutils.dense_block(torch.device(DEVICE))
+    ks = [1]  # then segments from 1 (to exactly 2B), 2B (to 4B - 1), 4B - 1 (to 6B - 3), ...
+    for lo, hi in [(1, 2 * B), (2 * B, 4 * B - 1), (4 * B - 1, 6 * B - 3), (6 * B - 3, 8 * B - 2)]:
+        ks.append(hi - lo)
+    ks += [3, 2]
+    problem = _problem_with_counts(ks, dtype, seed=171)
+    assert {o % 4 for o in problem.offsets[:-1]} == {0, 1, 2, 3}
+    _both(problem, dtype, amsgrad=True)
+
+
+class _FakeIdx:
+    """What DerivedCache reads of an index buffer, on a pretend CUDA device (no GPU needed)."""
+
+    def __init__(self, n=10):
+        self.device, self._base, self._version, self.n = torch.device("cuda", 0), None, 0, n
+
+    def is_inference(self):
+        return False
+
+    def storage_offset(self):
+        return 0
+
+    def numel(self):
+        return self.n
+
+
+def test_derived_cache_orders_streams_and_keeps_graph_tensors(monkeypatch):
+    """DerivedCache's bookkeeping with fake streams/events (no GPU needed), as TableCache's: computed
+    once per buffer version; another stream waits for the computation once and is recorded on its
+    memory; a capture reuses only a computation known complete (and pins it: eviction and new
+    versions never free it), otherwise computes inside the capture, kept and never handed to
+    eager calls."""
+    from fastmask.kernels import _utils
+
+    class FakeEvent:
+        complete = False
+
+        def query(self):
+            return self.complete
+
+    class FakeTensor:
+        def __init__(self):
+            self.recorded = []
+
+        def record_stream(self, stream):
+            self.recorded.append(stream.stream_id)
+
+    class FakeStream:
+        def __init__(self, sid):
+            self.stream_id, self.device_index, self.waits = sid, 0, []
+
+        def wait_event(self, event):
+            self.waits.append(event)
+
+    events, computed = [], []
+
+    def compute():
+        computed.append(FakeTensor())
+        return computed[-1]
+
+    def record(device, stream):
+        events.append(FakeEvent())
+        return events[-1]
+
+    state = {"stream": FakeStream(1), "capturing": False}
+    monkeypatch.setattr(_utils, "_capturing", lambda device: state["capturing"])
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: state["stream"])
+    monkeypatch.setattr(_utils.DerivedCache, "_record", staticmethod(record))
+    cache, idx, layout = _utils.DerivedCache(size=2), _FakeIdx(), ("L",)
+
+    out = cache.get(idx, layout, compute)
+    assert out is computed[0] and cache.get(idx, layout, compute) is out and len(computed) == 1
+    s2 = state["stream"] = FakeStream(2)
+    assert cache.get(idx, layout, compute) is out and cache.get(idx, layout, compute) is out
+    assert s2.waits == [events[0]] and out.recorded == [2], "stream 2: wait once, record once"
+
+    state["capturing"] = True  # not known complete: computed inside the capture
+    in_graph = cache.get(idx, layout, compute)
+    assert in_graph is computed[1] and cache._captured == [in_graph]
+    state["capturing"] = False
+    assert cache.get(idx, layout, compute) is out, "an eager call got a tensor computed during a capture"
+
+    events[0].complete = True
+    s3 = state["stream"] = FakeStream(3)
+    assert cache.get(idx, layout, compute) is out and s3.waits == [] and out.recorded == [2, 3]
+    state["capturing"] = True  # complete now: the capture uses it and pins it
+    assert cache.get(idx, layout, compute) is out and len(computed) == 2
+    state["capturing"] = False
+    others = [_FakeIdx() for _ in range(4)]
+    for other in others:  # evict everything evictable
+        cache.get(other, layout, compute)
+    assert cache.get(idx, layout, compute) is out and len(computed) == 6, "a tensor a graph uses was evicted"
+
+    idx._version += 1  # an in-place write: a new computation, the pinned one stays pinned
+    newer = cache.get(idx, layout, compute)
+    assert newer is computed[-1] and newer is not out and len(computed) == 7
+    assert any(hit[2].table is out for hit in cache._pinned.values())
+    assert cache.get(idx, ("other layout",), compute) is computed[-1] and len(computed) == 8
+
+
 def test_why_not_call():
     mod = backends.load("triton")
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -946,11 +1287,18 @@ backends.load("triton")
 ma = sys.modules["fastmask.kernels.masked_adamw"]
 sa = sys.modules["fastmask.kernels.score_accumulate"]
 
-def build(fn, sig, consts):
+def build(fn, sig, consts, num_warps=4):
     signature = {name: sig.get(name, "constexpr") for name in fn.arg_names}
+    # pointer arguments 16-byte aligned, as Triton specializes them at a launch on aligned tensors
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if signature[name].startswith("*")}
     # the launch options of the backend (kernels/*.py): no FMA contraction
-    return triton.compile(ASTSource(fn, signature, consts), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": 4, "enable_fp_fusion": False})
+    return triton.compile(ASTSource(fn, signature, consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "enable_fp_fusion": False})
+
+def vectors(body, what):
+    # the unmasked blocks' accesses to contiguous, aligned memory: 16-byte vectors
+    assert re.search(r"\bld\.global(?:\.\w+)*\.v4\.", body), f"{what}: no 16-byte vector loads"
+    assert re.search(r"\bst\.global(?:\.\w+)*\.v4\.", body), f"{what}: no 16-byte vector stores"
 
 def entry(ptx):
     # the kernel's own body (libdevice's pow is a separate .func, with its own approximations)
@@ -973,25 +1321,32 @@ for pd, everything, fused, mode, cuda_rounding in [(tl.float32, False, False, 0,
     sig = dict(table_ptr="*i64", n_tensors="i32", idx_ptr="*i32", exp_avg_ptr="*fp32",
                exp_avg_sq_ptr="*fp32", steps_ptr="*fp32", err_ptr="*i32", lr_bits="i64", beta1_bits="i64",
                beta2_bits="i64", wd_bits="i64", omb1_bits="i32", b2_bits="i32", omb2_bits="i32", eps_bits="i32",
-               n_iter="i32")
+               ranges_ptr="*i64")
     consts = dict(P_DTYPE=pd, LR_ON_DEVICE=everything, AMSGRAD=everything, MAXIMIZE=everything,
                   HAS_SCALE=everything, HAS_INF=everything, FUSED_SCORES=fused, SCORE_MODE=mode,
-                  CUDA_ROUNDING=cuda_rounding, BLOCK=1024, SBLOCK=256, T_PAD=32)
+                  CUDA_ROUNDING=cuda_rounding, DENSE_ALIGNED=fused, BLOCK=1024, SBLOCK=256, T_PAD=32)
     for p in ptrs:
         if everything:
             sig[p] = "*fp64" if p == "lr_ptr" else "*fp32"
         else:
             consts[p] = None
-    ptx = build(ma._masked_adamw_kernel, sig, consts).asm["ptx"]
+    warps = 4 if fused else ma.STEP_WARPS[1024]
+    ptx = build(ma._masked_adamw_kernel, sig, consts, num_warps=warps).asm["ptx"]
     body = entry(ptx)
     check_fp32(body, f"step {pd} fused={fused}")
+    vectors(body, f"step {pd} fused={fused}")
     assert "fma.rn.f32" in body, "the explicit FMAs (lerp, addcmul) are missing"
     # float64 per-tensor scalars: IEEE division and sqrt, CUDA's pow (as torch.pow on a GPU)
     assert "div.rn.f64" in body and "sqrt.rn.f64" in body, "fp64 scalars: IEEE division and sqrt"
+# the fused step's per-program ranges (bisections, once per mask)
+build(ma._block_ranges_kernel, dict(table_ptr="*i64", n_tensors="i32", idx_ptr="*i32", out_ptr="*i64", total="i32",
+                                    n_iter="i32", t_iter="i32"), dict(BLOCK=1024, LANES=ma.RANGES_LANES))
 for gd in (tl.float32, tl.bfloat16, tl.float64):
     ptx = build(sa._score_accumulate_kernel, dict(table_ptr="*i64", n_tensors="i32"),
-                dict(G_DTYPE=gd, SCORE_MODE=2, BLOCK=1024, T_PAD=16)).asm["ptx"]
+                dict(G_DTYPE=gd, SCORE_MODE=2, ALIGNED=gd != tl.float64, BLOCK=1024, T_PAD=16)).asm["ptx"]
     check_fp32(entry(ptx), f"score {gd}")
+    if gd != tl.float64:
+        vectors(entry(ptx), f"score {gd}")
     assert "fma" not in entry(ptx), "score + g * g must round twice, as the reference's score.add_(g * g)"
 print("compiled")
 """
