@@ -913,6 +913,32 @@ class _FakeIdx:
         return self.n
 
 
+class _FakeEvent:
+    """A CUDA event for the caches' bookkeeping tests (no GPU needed)."""
+    complete = False
+
+    def query(self):
+        return self.complete
+
+
+class _FakeDeviceTensor:
+    """A device tensor that remembers the streams recorded on its memory."""
+
+    def __init__(self):
+        self.recorded = []
+
+    def record_stream(self, stream):
+        self.recorded.append(stream.stream_id)
+
+
+class _FakeStream:
+    def __init__(self, sid):
+        self.stream_id, self.device_index, self.waits = sid, 0, []
+
+    def wait_event(self, event):
+        self.waits.append(event)
+
+
 def test_derived_cache_orders_streams_and_keeps_graph_tensors(monkeypatch):
     """DerivedCache's bookkeeping with fake streams/events (no GPU needed), as TableCache's: computed
     once per buffer version; another stream waits for the computation once and is recorded on its
@@ -921,37 +947,17 @@ def test_derived_cache_orders_streams_and_keeps_graph_tensors(monkeypatch):
     eager calls."""
     from fastmask.kernels import _utils
 
-    class FakeEvent:
-        complete = False
-
-        def query(self):
-            return self.complete
-
-    class FakeTensor:
-        def __init__(self):
-            self.recorded = []
-
-        def record_stream(self, stream):
-            self.recorded.append(stream.stream_id)
-
-    class FakeStream:
-        def __init__(self, sid):
-            self.stream_id, self.device_index, self.waits = sid, 0, []
-
-        def wait_event(self, event):
-            self.waits.append(event)
-
     events, computed = [], []
 
     def compute():
-        computed.append(FakeTensor())
+        computed.append(_FakeDeviceTensor())
         return computed[-1]
 
     def record(device, stream):
-        events.append(FakeEvent())
+        events.append(_FakeEvent())
         return events[-1]
 
-    state = {"stream": FakeStream(1), "capturing": False}
+    state = {"stream": _FakeStream(1), "capturing": False}
     monkeypatch.setattr(_utils, "_capturing", lambda device: state["capturing"])
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: state["stream"])
     monkeypatch.setattr(_utils.DerivedCache, "_record", staticmethod(record))
@@ -959,7 +965,7 @@ def test_derived_cache_orders_streams_and_keeps_graph_tensors(monkeypatch):
 
     out = cache.get(idx, layout, compute)
     assert out is computed[0] and cache.get(idx, layout, compute) is out and len(computed) == 1
-    s2 = state["stream"] = FakeStream(2)
+    s2 = state["stream"] = _FakeStream(2)
     assert cache.get(idx, layout, compute) is out and cache.get(idx, layout, compute) is out
     assert s2.waits == [events[0]] and out.recorded == [2], "stream 2: wait once, record once"
 
@@ -970,7 +976,7 @@ def test_derived_cache_orders_streams_and_keeps_graph_tensors(monkeypatch):
     assert cache.get(idx, layout, compute) is out, "an eager call got a tensor computed during a capture"
 
     events[0].complete = True
-    s3 = state["stream"] = FakeStream(3)
+    s3 = state["stream"] = _FakeStream(3)
     assert cache.get(idx, layout, compute) is out and s3.waits == [] and out.recorded == [2, 3]
     state["capturing"] = True  # complete now: the capture uses it and pins it
     assert cache.get(idx, layout, compute) is out and len(computed) == 2
@@ -1006,39 +1012,19 @@ def test_table_cache_orders_streams_and_keeps_graph_tables(monkeypatch):
     kept and never handed to eager calls."""
     from fastmask.kernels import _utils
 
-    class FakeEvent:
-        complete = False
-
-        def query(self):
-            return self.complete
-
-    class FakeTable:
-        def __init__(self):
-            self.recorded = []
-
-        def record_stream(self, stream):
-            self.recorded.append(stream.stream_id)
-
-    class FakeStream:
-        def __init__(self, sid):
-            self.stream_id, self.device_index, self.waits = sid, 0, []
-
-        def wait_event(self, event):
-            self.waits.append(event)
-
     made, captured = [], []
 
     def new(rows, device, stream):
-        made.append(_utils._Table(None, FakeTable(), FakeEvent(), _utils._stream_key(stream)))
+        made.append(_utils._Table(None, _FakeDeviceTensor(), _FakeEvent(), _utils._stream_key(stream)))
         return made[-1]
 
     def copy_in_capture(self, rows, device):
-        table = FakeTable()
+        table = _FakeDeviceTensor()
         captured.append(table)
         self._captured.append((None, table))
         return table
 
-    state = {"stream": FakeStream(1), "capturing": False}
+    state = {"stream": _FakeStream(1), "capturing": False}
     monkeypatch.setattr(_utils, "_capturing", lambda device: state["capturing"])
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: state["stream"])
     monkeypatch.setattr(_utils.TableCache, "_new", staticmethod(new))
@@ -1048,7 +1034,7 @@ def test_table_cache_orders_streams_and_keeps_graph_tables(monkeypatch):
     table = cache.get(rows, dev)  # copied on stream 1
     entry = made[0]
     assert table is entry.table and entry.table.recorded == [] and state["stream"].waits == []
-    s2 = state["stream"] = FakeStream(2)
+    s2 = state["stream"] = _FakeStream(2)
     assert cache.get(rows, dev) is table and cache.get(rows, dev) is table
     assert s2.waits == [entry.event] and entry.table.recorded == [2], "stream 2: wait once, record once"
 
@@ -1059,7 +1045,7 @@ def test_table_cache_orders_streams_and_keeps_graph_tables(monkeypatch):
     assert cache.get(rows, dev) is table, "an eager call got a table made during a capture"
 
     entry.event.complete = True
-    s3 = state["stream"] = FakeStream(3)
+    s3 = state["stream"] = _FakeStream(3)
     assert cache.get(rows, dev) is table and s3.waits == [] and entry.table.recorded == [2, 3]
     state["capturing"] = True  # complete now: the capture uses it and pins it
     assert cache.get(rows, dev) is table and len(captured) == 1

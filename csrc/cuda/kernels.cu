@@ -49,22 +49,19 @@ template <> struct GradVec<0> {
     g[0] = x.x; g[1] = x.y; g[2] = x.z; g[3] = x.w;
   }
 };
-template <> struct GradVec<1> {
+template <bool BF16> struct GradVec16 {  // bf16 or fp16: four 16-bit entries in one 8-byte load
   static constexpr uintptr_t kAlign = 8;
+  static __device__ __forceinline__ float widen(uint32_t h) {
+    return BF16 ? bf16_to_f32(static_cast<uint16_t>(h)) : f16_to_f32(static_cast<uint16_t>(h));
+  }
   static __device__ __forceinline__ void load(const void* __restrict__ base, int64_t i, float (&g)[4]) {
     const uint2 x = *reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(base) + i);
-    g[0] = bf16_to_f32(static_cast<uint16_t>(x.x & 0xFFFFu)); g[1] = bf16_to_f32(static_cast<uint16_t>(x.x >> 16));
-    g[2] = bf16_to_f32(static_cast<uint16_t>(x.y & 0xFFFFu)); g[3] = bf16_to_f32(static_cast<uint16_t>(x.y >> 16));
+    g[0] = widen(x.x & 0xFFFFu); g[1] = widen(x.x >> 16);
+    g[2] = widen(x.y & 0xFFFFu); g[3] = widen(x.y >> 16);
   }
 };
-template <> struct GradVec<2> {
-  static constexpr uintptr_t kAlign = 8;
-  static __device__ __forceinline__ void load(const void* __restrict__ base, int64_t i, float (&g)[4]) {
-    const uint2 x = *reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(base) + i);
-    g[0] = f16_to_f32(static_cast<uint16_t>(x.x & 0xFFFFu)); g[1] = f16_to_f32(static_cast<uint16_t>(x.x >> 16));
-    g[2] = f16_to_f32(static_cast<uint16_t>(x.y & 0xFFFFu)); g[3] = f16_to_f32(static_cast<uint16_t>(x.y >> 16));
-  }
-};
+template <> struct GradVec<1> : GradVec16<true> {};
+template <> struct GradVec<2> : GradVec16<false> {};
 template <> struct GradVec<3> {
   static constexpr uintptr_t kAlign = 16;
   static __device__ __forceinline__ void load(const void* __restrict__ base, int64_t i, float (&g)[4]) {
