@@ -1334,6 +1334,14 @@ for gd in (tl.float32, tl.bfloat16, tl.float64):
     if gd != tl.float64:
         vectors(entry(ptx), f"score {gd}")
     assert "fma" not in entry(ptx), "score + g * g must round twice, as the reference's score.add_(g * g)"
+# the masked weight gradient (fastmask.ops.sampled_weight_grad): fp32 accumulation of fp32/bf16 products
+sg = sys.modules["fastmask.kernels.sampled_grad"]
+for dt in ("fp32", "bf16"):
+    ptx = build(sg._sampled_grad_kernel, dict(go_ptr="*" + dt, x_ptr="*" + dt, idx_ptr="*i32", out_ptr="*fp32",
+                                              err_ptr="*i32", T="i32", n_in="i32", numel="i64", k="i32",
+                                              s_go_t="i64", s_go_o="i32", s_x_t="i64", s_x_i="i32"),
+                dict(BLOCK_K=64, BLOCK_T=32)).asm["ptx"]
+    assert "atom.global" in entry(ptx) or "red.global" in entry(ptx), "out-of-range indices are not counted"
 print("compiled")
 """
 
