@@ -17,6 +17,10 @@ that holds only LM cases, ``<json stem>-lm.png`` otherwise). A JSON with only LM
 rest of ``<name>.md`` as it is; a JSON without LM cases keeps the existing LM section. A
 hand-written block between ``<!-- lm-notes:start -->`` and ``<!-- lm-notes:end -->`` inside the
 LM section is kept.
+
+The GPU section, between ``<!-- gpu:start -->`` and ``<!-- gpu:end -->``, comes from a
+``scripts/gpu_check.sh`` run (``python -m bench.report --gpu-summary <its output folder>``, which
+the script calls itself) and is kept by every other report.
 """
 from __future__ import annotations
 
@@ -504,18 +508,44 @@ def lm_plot(rows: list[dict], path: Path) -> bool:
     return True
 
 
-def _lm_notes(text: str | None) -> str | None:
+def _block(text: str | None, start: str, end: str) -> str | None:
+    """The part of ``text`` from the marker ``start`` to the marker ``end``, markers included."""
     if not text:
         return None
-    a, b = text.find(LM_NOTES_START), text.find(LM_NOTES_END)
-    return text[a : b + len(LM_NOTES_END)] if 0 <= a < b else None
+    a, b = text.find(start), text.find(end)
+    return text[a : b + len(end)] if 0 <= a < b else None
+
+
+def _splice(text: str, start: str, end: str, block: str) -> str:
+    """``text`` with its ``start``..``end`` part replaced by ``block`` (appended if it has none)."""
+    a, b = text.find(start), text.find(end)
+    if 0 <= a < b:
+        return text[:a] + block + text[b + len(end):]
+    return text.rstrip("\n") + "\n\n" + block + "\n"
+
+
+def _lm_notes(text: str | None) -> str | None:
+    return _block(text, LM_NOTES_START, LM_NOTES_END)
 
 
 def _lm_block(text: str | None) -> str | None:
-    if not text:
-        return None
-    a, b = text.find(LM_START), text.find(LM_END)
-    return text[a : b + len(LM_END)] if 0 <= a < b else None
+    return _block(text, LM_START, LM_END)
+
+
+GPU_START, GPU_END = "<!-- gpu:start -->", "<!-- gpu:end -->"
+
+
+def gpu_block(summary: str) -> str:
+    """The GPU section of ``RESULTS.md``, markers included, from the ``SUMMARY.md`` that
+    ``scripts/gpu_check.sh`` writes (GPU name, date, versions, each stage's status, the tables)."""
+    body = summary.strip().splitlines()
+    if body and body[0].startswith("# "):
+        body = body[1:]
+    return "\n".join([GPU_START, "## GPU (`scripts/gpu_check.sh`)", "",
+                      "Copied from the `SUMMARY.md` of the run below by `python -m bench.report --gpu-summary "
+                      "<its output folder>` (which `gpu_check.sh` calls at its end); that folder also holds the "
+                      "logs, `bench-gpu.json`, `RESULTS-gpu.md` and `lm-gpu.jsonl`. A CPU report keeps this section.",
+                      *body, GPU_END])
 
 
 def render_lm(data: dict, json_name: str, png_name: str | None, notes: str | None = None) -> str:
@@ -693,15 +723,32 @@ def render(data: dict, json_name: str, png_name: str | None, notes: str | None =
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Markdown report and plot of a fastmask pytest-benchmark JSON.")
-    ap.add_argument("json", help="pytest-benchmark JSON (--benchmark-json=...)")
+    ap.add_argument("json", nargs="?", help="pytest-benchmark JSON (--benchmark-json=...)")
+    ap.add_argument("--gpu-summary", metavar="PATH",
+                    help="instead of a JSON: put a scripts/gpu_check.sh run's SUMMARY.md (the file, or its output "
+                         "folder) into <out>/<name>.md as its GPU section, replacing the previous one")
     ap.add_argument("--out", default="bench", help="output folder (default bench/)")
     ap.add_argument("--name", default="RESULTS", help="markdown file name without .md (default RESULTS)")
     args = ap.parse_args(argv)
-    data = load(args.json)
+    if (args.json is None) == (args.gpu_summary is None):
+        ap.error("give a benchmark JSON or --gpu-summary (one of them)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     md_path = out / f"{args.name}.md"
     old = md_path.read_text() if md_path.is_file() else None
+    if args.gpu_summary is not None:
+        summary = Path(args.gpu_summary)
+        if summary.is_dir():
+            summary = summary / "SUMMARY.md"
+        if not summary.is_file():
+            ap.error(f"--gpu-summary: {summary} does not exist (run scripts/gpu_check.sh first)")
+        block = gpu_block(summary.read_text())
+        md_path.write_text(_splice(old, GPU_START, GPU_END, block) if old else block + "\n")
+        print(f"wrote the GPU section of {md_path} from {summary}")
+        return 0
+    data = load(args.json)
+    if not data["benchmarks"]:
+        ap.error(f"{args.json} holds no benchmark cases")
     bms = data["benchmarks"]
     lm = [b for b in bms if is_lm(b)]
     rest = [b for b in bms if not is_lm(b)]
@@ -721,12 +768,11 @@ def main(argv=None) -> int:
         md = render({**data, "benchmarks": rest}, args.json, png.name if have_png else None, _notes(md_path))
         if lm_block:
             md += "\n" + lm_block + "\n"
+        gpu = _block(old, GPU_START, GPU_END)
+        if gpu:
+            md += "\n" + gpu + "\n"
     else:  # LM cases only: replace (or append) the LM section, keep everything else as it is
-        a, b = old.find(LM_START), old.find(LM_END)
-        if 0 <= a < b:
-            md = old[:a] + lm_block + old[b + len(LM_END):]
-        else:
-            md = old.rstrip("\n") + "\n\n" + lm_block + "\n"
+        md = _splice(old, LM_START, LM_END, lm_block)
     md_path.write_text(md)
     print(f"wrote {md_path}" + (f" and {', '.join(written)}" if written else ""))
     return 0

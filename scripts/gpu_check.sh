@@ -32,9 +32,11 @@
 # after its limit, so that the whole run stays within 8 minutes); a stage that would overrun is cut
 # and reported as TIMEOUT, and one left with under 15 s is SKIPPED (budget spent), which fails the
 # check. SUMMARY.md in the output folder says, with the GPU's name and the date, what passed, with
-# tables of the masked step, the sampled weight gradient and the LM step. Exit status: 0 if every
-# stage passed or was skipped for want of compute-sanitizer (memcheck) or transformers/peft (lm), 1
-# otherwise (a missing pytest-benchmark fails the check), 2 when the preflight fails. Environment:
+# tables of the masked step, the sampled weight gradient and the LM step; it also becomes the GPU
+# section of bench/RESULTS.md (python -m bench.report --gpu-summary), with a copy in the folder.
+# Exit status: 0 if every stage passed or was skipped for want of compute-sanitizer (memcheck) or
+# transformers/peft (lm), 1 otherwise (a missing pytest-benchmark fails the check), 2 when the
+# preflight fails. Environment:
 # PYTHON (default: .venv/bin/python if it sees a GPU, else python3), OUT, GPU_CHECK_BUDGET,
 # MAX_JOBS, CUDA_HOME.
 set -uo pipefail
@@ -400,4 +402,13 @@ PY
     fi
 } >"$OUT_DIR/SUMMARY.md"
 cat "$OUT_DIR/SUMMARY.md"
+# The same figures as the GPU section of this checkout's bench/RESULTS.md, and a copy of that file
+# beside the logs (on a lent machine only the output folder comes back: copy it over bench/RESULTS.md).
+if "$PYTHON" -m bench.report --gpu-summary "$OUT_DIR" --out "$ROOT/bench" >/dev/null; then
+    cp "$ROOT/bench/RESULTS.md" "$OUT_DIR/RESULTS.md"
+    echo "gpu_check: wrote the GPU section of bench/RESULTS.md (a copy: $OUT_DIR/RESULTS.md)"
+else
+    echo "gpu_check: could not write the GPU section of bench/RESULTS.md" >&2
+    overall=1
+fi
 exit $overall
