@@ -6,7 +6,8 @@ No GPU runs here, so ``tests/cuda_emulation`` compiles kernels.cu as host C++ ag
 uses to split a call into launches and fill their tables. What this checks is the kernels' logic:
 which entry each thread takes, the head peel that keeps vector loads aligned across launches,
 the vector and scalar paths, per-tensor scalars computed only for a block's tensors, the index
-check, fused score chunks. The arithmetic is adamw_math.h's host branch (torch's CPU rounding),
+check, fused score chunks, and the sampled weight gradient's row chunks (``csrc/cuda/sampled_grad.h``,
+with a CPU product in place of cuBLAS's). The arithmetic is adamw_math.h's host branch (torch's CPU rounding),
 so the results are compared with the reference on the CPU, as tests/test_ext.py compares the CPU
 kernels: state and scores bit for bit, params within one rounding. The GPU's own rounding, memory
 model and speed are scripts/gpu_check.sh's to check.
@@ -201,3 +202,25 @@ def test_score_accumulate(emu, gdtype, mode):
         ops.score_accumulate_(want, grads, mode)
     for t, (a, b) in enumerate(zip(got, want)):
         assert torch.equal(a, b), f"scores[{t}]"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("tile", [1, 17, 40, 17 * 29, 10**6], ids=lambda t: f"tile{t}")
+@pytest.mark.parametrize("order", ["sorted", "shuffled"])
+def test_sampled_weight_grad_row_chunks(emu, dtype, tile, order):
+    """The binding's sampled weight gradient gathers from row chunks of the product (one row per
+    chunk, two, all of them in one): every selected entry from its own chunk, in any index order."""
+    from tests.test_sampled_grads import _bound
+
+    g = torch.Generator().manual_seed(17)
+    T, n_out, n_in = 33, 29, 17
+    grad_out = torch.randn(T, n_out, generator=g).to(dtype)
+    x = torch.randn(T, n_in, generator=g).to(dtype)
+    idx = random_indices(n_out * n_in, 150, g)
+    if order == "shuffled":
+        idx = idx[torch.randperm(idx.numel(), generator=g)]
+    got = emu.sampled_weight_grad(grad_out, x, idx, tile)
+    want = (grad_out.double().t() @ x.double()).reshape(-1)[idx.long()]
+    assert got.dtype == torch.float32 and got.shape == idx.shape
+    assert bool(((got.double() - want).abs() <= _bound(grad_out, x, idx, dtype)).all())
+

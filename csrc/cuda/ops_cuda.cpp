@@ -16,6 +16,7 @@
 #include "../common.h"
 #include "kernels.h"
 #include "launch_tables.h"
+#include "sampled_grad.h"
 
 namespace fastmask {
 namespace {
@@ -102,21 +103,10 @@ at::Tensor sampled_weight_grad_cuda(const at::Tensor& grad_out, const at::Tensor
   at::_assert_async(((q >= 0) & (q < numel)).all(), msg);
   if (T == 0 || numel == 0) return at::zeros({k}, f32);  // no tokens: a zero gradient
   const at::Tensor go_t = grad_out.t();  // [out, T], a view
-  const int64_t rows = std::max<int64_t>(1, kSampledTileEntries / n_in);
-  const at::Tensor qc = q.clamp(0, numel - 1);
-  auto product = [&](int64_t r0, int64_t r1) {  // rows [r0, r1) of grad_out.T @ input, fp32, flat
-    const at::Tensor a = go_t.slice(0, r0, r1);
+  return cuda::gather_from_row_chunks(q, n_out, n_in, kSampledTileEntries, [&](int64_t r0, int64_t r1) {
+    const at::Tensor a = go_t.slice(0, r0, r1);  // rows [r0, r1) of grad_out.T @ input, fp32, flat
     return (dt == at::kFloat ? at::mm(a, input) : at::mm(a, input, at::kFloat)).view({-1});
-  };
-  if (rows >= n_out) return product(0, n_out).index_select(0, qc);  // one chunk: the whole weight
-  at::Tensor out = at::zeros({k}, f32);
-  for (int64_t r0 = 0; r0 < n_out; r0 += rows) {
-    const at::Tensor tile = product(r0, std::min(n_out, r0 + rows));
-    const at::Tensor local = qc - r0 * n_in;
-    const at::Tensor inside = (local >= 0) & (local < tile.numel());
-    out = at::where(inside, tile.index_select(0, local.clamp(0, tile.numel() - 1)), out);
-  }
-  return out;
+  });
 }
 
 }  // namespace

@@ -11,6 +11,7 @@
 
 #include "../../csrc/common.h"
 #include "../../csrc/cuda/launch_tables.h"
+#include "../../csrc/cuda/sampled_grad.h"
 #include "../../csrc/cuda/kernels.cu"
 
 namespace {
@@ -49,10 +50,22 @@ void score_accumulate(std::vector<at::Tensor> scores, std::vector<at::Tensor> gr
   }
 }
 
+// sampled_weight_grad's chunked gather as ops_cuda.cpp runs it, with a CPU product in fp32 and
+// chunks of at most tile_entries entries (the binding's are 2^22).
+at::Tensor sampled_weight_grad(at::Tensor grad_out, at::Tensor input, at::Tensor idx, int64_t tile_entries) {
+  const at::Tensor go_t = grad_out.t().to(at::kFloat);
+  const at::Tensor x = input.to(at::kFloat);
+  return fastmask::cuda::gather_from_row_chunks(idx.to(at::kLong), grad_out.size(1), input.size(1), tile_entries,
+                                                [&](int64_t r0, int64_t r1) {
+                                                  return at::mm(go_t.slice(0, r0, r1), x).view({-1});
+                                                });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masked_adamw_step_", &masked_adamw_step);
   m.def("score_accumulate_", &score_accumulate);
+  m.def("sampled_weight_grad", &sampled_weight_grad);
   m.attr("max_tensors") = fastmask::cuda::kMaxTensors;
 }
