@@ -456,14 +456,22 @@ def lm_goals(rows: list[dict], paired: list[dict]) -> list[str]:
     return out if found else []
 
 
-def lm_plot(rows: list[dict], path: Path) -> bool:
+def _pyplot(what: str):
+    """matplotlib.pyplot with the Agg backend, or None (and a line on stderr) without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no LM plot", file=sys.stderr)
+        print(f"matplotlib is not installed: no {what}", file=sys.stderr)
+        return None
+    return plt
+
+
+def lm_plot(rows: list[dict], path: Path) -> bool:
+    plt = _pyplot("LM plot")
+    if plt is None:
         return False
     panels = sorted({(r["device"], r["size"]) for r in rows}, key=lambda k: (k[0], {"tiny": 0, "small": 1}.get(k[1], 2)))
     if not panels:
@@ -594,13 +602,8 @@ def render_lm(data: dict, json_name: str, png_name: str | None, notes: str | Non
 # plot
 # ------------------------------------------------------------------------------------------------
 def plot(benchmarks: list[dict], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot", file=sys.stderr)
+    plt = _pyplot("plot")
+    if plt is None:
         return False
     groups = _ms_groups(benchmarks, paired=True)
     source = "interleaved runs"
